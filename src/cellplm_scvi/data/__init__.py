@@ -1,0 +1,25 @@
+"""Data pipeline: tissue index, packing sampler, token-set collation, loaders and splitter."""
+
+from ._collate import TissueData, TokenSetDataset, measured_genes, read_rows
+from ._loaders import TissueDataLoader, TissueDataSplitter, split_units, tissue_data
+from ._sampler import TissuePackingSampler, pack_units, shard_units
+from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
+
+__all__ = [
+    "TissueData",
+    "TissueDataLoader",
+    "TissueDataSplitter",
+    "TissueIndex",
+    "TissuePackingSampler",
+    "TokenSetDataset",
+    "build_tissue_index",
+    "measured_genes",
+    "pack_units",
+    "random_chunks",
+    "read_rows",
+    "shard_units",
+    "spatial_tiles",
+    "split_units",
+    "stable_cell_keys",
+    "tissue_data",
+]

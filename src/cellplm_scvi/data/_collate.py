@@ -1,0 +1,153 @@
+"""From packed units to a token-set minibatch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.utils.data import Dataset
+
+from cellplm_scvi._constants import BATCH_KEYS
+
+from ._tissues import TissueIndex
+
+
+def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of a CSR / dense / backed matrix as CSR float32, in the order asked.
+
+    Parameters
+    ----------
+    matrix
+        ``(n_obs, G)`` scipy CSR matrix, numpy array, or a backed (h5py / anndata) matrix.
+    rows
+        ``(N,)`` distinct row indices.
+
+    Returns
+    -------
+    ``(N, G)`` CSR matrix.
+    """
+    if isinstance(matrix, sp.csr_matrix | sp.csr_array | np.ndarray):
+        block = matrix[rows]
+    else:  # backed matrices read increasing rows only
+        order = np.argsort(rows)
+        block = matrix[rows[order]]
+        block = block[np.argsort(order)]
+    return sp.csr_matrix(block, dtype=np.float32)
+
+
+def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 10_000) -> np.ndarray:
+    """``(n_batch, G)`` bool: genes with any non-zero count in each batch.
+
+    A gene that is zero in every cell of a batch (e.g. absent from that batch's panel after an
+    outer join) is treated as not measured there: it is neither masked nor scored for those cells.
+    Read in row chunks, so dense and backed inputs never load whole.
+    """
+    n_obs, n_genes = matrix.shape
+    counts = np.zeros((n_batch, n_genes), dtype=np.int64)
+    for start in range(0, n_obs, chunk):
+        rows = np.arange(start, min(start + chunk, n_obs))
+        block = read_rows(matrix, rows)
+        block.data = (block.data != 0).astype(np.float32)
+        onehot = sp.csr_matrix(
+            (np.ones(len(rows), np.float32), (batch_codes[rows], np.arange(len(rows)))),
+            shape=(n_batch, len(rows)),
+        )
+        counts += (onehot @ block).toarray().astype(np.int64)
+    return counts > 0
+
+
+@dataclass
+class TissueData:
+    """What the pipeline needs from a registered AnnData, read once.
+
+    Attributes
+    ----------
+    matrix
+        ``(n_obs, G)`` counts (CSR, dense or backed).
+    batch_codes
+        ``(n_obs,)`` int64 batch code of each cell.
+    coords
+        ``(n_obs, 2)`` float64 coordinates, or ``None``.
+    measured
+        ``(n_batch, G)`` measured genes of each batch.
+    index
+        Tissues and units.
+    """
+
+    matrix: object
+    batch_codes: np.ndarray
+    coords: np.ndarray | None
+    measured: np.ndarray
+    index: TissueIndex
+
+
+class TokenSetDataset(Dataset):
+    """Map a list of unit ids to one token-set minibatch (a dict of tensors, keys in :data:`BATCH_KEYS`).
+
+    The units' cells are concatenated into one sequence; ``segment_ptr`` marks where each unit
+    starts. Counts stay sparse (CSR parts). Coordinates are normalised per tissue to ``[0, 1]``.
+
+    Parameters
+    ----------
+    data
+        The registered data.
+    index
+        Units to serve (often ``data.index`` restricted to a split).
+    drop_cell_rate
+        Training-time context dropout: this fraction of each unit's cells is left out of the
+        minibatch (at least one cell is kept), chosen with torch's global generator.
+    """
+
+    def __init__(self, data: TissueData, index: TissueIndex, drop_cell_rate: float = 0.0):
+        if not 0.0 <= drop_cell_rate < 1.0:
+            raise ValueError(f"drop_cell_rate must be in [0, 1), got {drop_cell_rate}.")
+        self.data = data
+        self.index = index
+        self.drop_cell_rate = drop_cell_rate
+
+    def __len__(self) -> int:
+        return self.index.n_units
+
+    def _cells(self, units: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        sizes = self.index.unit_sizes[units]
+        cells = self.index.cells_of_units(np.asarray(units))
+        if self.drop_cell_rate > 0:
+            segment = np.repeat(np.arange(len(units)), sizes)
+            rank_keys = torch.rand(len(cells)).numpy()
+            order = np.lexsort((rank_keys, segment))
+            rank = np.arange(len(cells)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+            n_keep = np.maximum(1, sizes - (sizes * self.drop_cell_rate).astype(np.int64))
+            kept = order[rank < np.repeat(n_keep, sizes)]
+            cells, sizes = cells[np.sort(kept)], n_keep
+        return cells, np.concatenate([[0], np.cumsum(sizes)])
+
+    def __getitem__(self, units: list[int]) -> dict[str, torch.Tensor]:
+        cells, segment_ptr = self._cells(list(units))
+        counts = read_rows(self.data.matrix, cells)
+        batch = self.data.batch_codes[cells]
+        batches_here, measured_row = np.unique(batch, return_inverse=True)
+        if self.data.coords is not None:
+            tissue = self.index.cell_tissue[cells]
+            coords = (self.data.coords[cells] - self.index.tissue_origin[tissue]) / self.index.tissue_scale[
+                tissue, None
+            ]
+            has_coords = np.ones(len(cells), dtype=bool)
+        else:
+            coords = np.zeros((len(cells), 2))
+            has_coords = np.zeros(len(cells), dtype=bool)
+        return {
+            BATCH_KEYS.OBS_INDEX: torch.from_numpy(
+                cells.astype(np.int64)
+            ),  # first: Lightning reads N from it
+            BATCH_KEYS.X_INDPTR: torch.from_numpy(counts.indptr.astype(np.int64)),
+            BATCH_KEYS.X_INDICES: torch.from_numpy(counts.indices.astype(np.int64)),
+            BATCH_KEYS.X_DATA: torch.from_numpy(counts.data.astype(np.float32)),
+            BATCH_KEYS.BATCH: torch.from_numpy(batch.astype(np.int64)),
+            BATCH_KEYS.SEGMENT_PTR: torch.from_numpy(segment_ptr.astype(np.int64)),
+            BATCH_KEYS.COORDS: torch.from_numpy(coords.astype(np.float32)),
+            BATCH_KEYS.HAS_COORDS: torch.from_numpy(has_coords),
+            BATCH_KEYS.MEASURED: torch.from_numpy(self.data.measured[batches_here]),
+            BATCH_KEYS.MEASURED_ROW: torch.from_numpy(measured_row.astype(np.int64)),
+        }

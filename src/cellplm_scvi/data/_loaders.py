@@ -1,0 +1,285 @@
+"""Data loaders and the tissue-level train/validation splitter, wired to scvi-tools' registry."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import numpy as np
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager
+from torch.utils.data import DataLoader
+
+from cellplm_scvi._constants import CELLPLM_REGISTRY_KEYS
+
+from ._collate import TissueData, TokenSetDataset, measured_genes
+from ._sampler import TissuePackingSampler
+from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CELLS_PER_TISSUE = 4000
+DEFAULT_MAX_CELLS_PER_BATCH = 4000
+_CACHE_ATTR = "_cellplm_tissue_data"
+
+
+def _codes(adata_manager: AnnDataManager, key: str) -> np.ndarray:
+    return np.asarray(adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64)
+
+
+def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: int = 0) -> TissueData:
+    """Read (once per manager and setting) what the pipeline needs from a registered AnnData.
+
+    A tissue is one (batch, fov) pair. The result is cached on the manager.
+    """
+    cache = adata_manager.__dict__.setdefault(_CACHE_ATTR, {})
+    if (max_cells_per_tissue, seed) in cache:
+        return cache[(max_cells_per_tissue, seed)]
+    batch = _codes(adata_manager, REGISTRY_KEYS.BATCH_KEY)
+    fov = _codes(adata_manager, CELLPLM_REGISTRY_KEYS.FOV_KEY)
+    tissue = np.unique(np.stack([batch, fov], axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+    coords = None
+    if CELLPLM_REGISTRY_KEYS.SPATIAL_KEY in adata_manager.data_registry:
+        coords = np.asarray(
+            adata_manager.get_from_registry(CELLPLM_REGISTRY_KEYS.SPATIAL_KEY), dtype=np.float64
+        )[:, :2]
+    matrix = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    if (
+        hasattr(matrix, "format")
+        and getattr(matrix, "format", None) == "csc"
+        and not hasattr(matrix, "backend")
+    ):
+        matrix = matrix.tocsr()  # row slicing of CSC is slow; one conversion, nnz-sized
+    n_batch = adata_manager.summary_stats.n_batch
+    data = TissueData(
+        matrix=matrix,
+        batch_codes=batch,
+        coords=coords,
+        measured=measured_genes(matrix, batch, n_batch),
+        index=build_tissue_index(
+            tissue, adata_manager.adata.obs_names.to_numpy(), coords, max_cells_per_tissue, seed
+        ),
+    )
+    cache[(max_cells_per_tissue, seed)] = data
+    return data
+
+
+class TissueDataLoader(DataLoader):
+    """Loader of token sets over the cells ``indices`` of a registered AnnData.
+
+    Cells are served with their unit (tissue or tile) as context, restricted to ``indices``;
+    minibatches pack whole units up to ``max_cells_per_batch`` cells. The signature accepts what
+    scvi-tools passes to data loaders (``batch_size`` is read as the cell budget when
+    ``max_cells_per_batch`` is not given; ``drop_last`` and ``load_sparse_tensor`` are ignored:
+    counts are always sparse and units are never cut by the loader).
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    indices
+        Cells to serve; all when ``None``.
+    shuffle
+        Shuffle units every epoch.
+    max_cells_per_batch
+        Cell budget of a minibatch.
+    max_cells_per_tissue
+        Context limit (largest unit).
+    drop_cell_rate
+        Training-time context dropout (see :class:`~cellplm_scvi.data.TokenSetDataset`).
+    epoch
+        Epoch whose shuffle order to serve first.
+    distributed_sampler
+        Shard units across distributed replicas.
+    **kwargs
+        Passed on to :class:`torch.utils.data.DataLoader` (``num_workers``, ``pin_memory``, ...).
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        indices: np.ndarray | None = None,
+        shuffle: bool = False,
+        batch_size: int | None = None,
+        max_cells_per_batch: int | None = None,
+        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        drop_cell_rate: float = 0.0,
+        epoch: int = 0,
+        distributed_sampler: bool = False,
+        **kwargs,
+    ):
+        for ignored in (
+            "drop_last",
+            "load_sparse_tensor",
+            "data_and_attributes",
+            "iter_ndarray",
+            "drop_dataset_tail",
+        ):
+            kwargs.pop(ignored, None)
+        if kwargs.get("num_workers", 0) == 0:
+            kwargs.pop("persistent_workers", None)
+        budget = max_cells_per_batch or batch_size or DEFAULT_MAX_CELLS_PER_BATCH
+        data = tissue_data(adata_manager, max_cells_per_tissue)
+        index = data.index if indices is None else data.index.restrict(np.asarray(indices))
+        self.tissue_index = index
+        sampler = TissuePackingSampler(
+            index.unit_sizes,
+            budget,
+            shuffle=shuffle,
+            seed=settings.seed or 0,
+            distributed=distributed_sampler,
+        )
+        sampler.set_epoch(epoch)
+        super().__init__(
+            TokenSetDataset(data, index, drop_cell_rate), sampler=sampler, batch_size=None, **kwargs
+        )
+
+
+def split_units(
+    index: TissueIndex,
+    coords: np.ndarray | None,
+    obs_names: np.ndarray,
+    train_size: float,
+    validation_size: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split cells into train / validation / test by whole units.
+
+    Units are taken in a seeded random order: validation first, until its share of cells is
+    reached, then test, the rest train. A tissue is never in two splits. When there is only one
+    unit and a validation share is asked for, that unit is first cut into pieces (tiles with
+    coordinates, chunks without), ``round(1 / validation_size)`` of them, and the split is made
+    over the pieces.
+
+    Returns
+    -------
+    Sorted obs indices of the train, validation and test cells.
+    """
+    pieces = [index.unit(u) for u in range(index.n_units)]
+    if len(pieces) == 1 and validation_size > 0:
+        cells = pieces[0]
+        max_piece = -(-len(cells) // max(2, round(1 / validation_size)))
+        keys = stable_cell_keys(obs_names[cells], seed)
+        parts = (
+            spatial_tiles(coords[cells], keys, max_piece)
+            if coords is not None
+            else random_chunks(keys, max_piece)
+        )
+        pieces = [cells[p] for p in parts]
+    order = np.random.default_rng(seed).permutation(len(pieces))
+    n_cells = sum(len(p) for p in pieces)
+    targets = {"validation": validation_size * n_cells, "test": (1 - train_size - validation_size) * n_cells}
+    assigned = {"validation": [], "test": [], "train": []}
+    filled = dict.fromkeys(targets, 0)
+    for i in order:
+        split = next(
+            (
+                s
+                for s in ("validation", "test")
+                if targets[s] > 0 and filled[s] < targets[s] and len(pieces) > 1
+            ),
+            "train",
+        )
+        if split != "train":
+            filled[split] += len(pieces[i])
+        assigned[split].append(pieces[i])
+    if not assigned["train"]:
+        raise ValueError("The split leaves no tissue for training; lower validation_size or add tissues.")
+    join = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+    return join(assigned["train"]), join(assigned["validation"]), join(assigned["test"])
+
+
+class TissueDataSplitter(pl.LightningDataModule):
+    """Tissue-level train / validation / test split with token-set loaders.
+
+    Accepts every keyword scvi-tools' ``UnsupervisedTrainingMixin.train`` passes to a splitter.
+    ``train_idx``, ``val_idx``, ``test_idx`` (cell indices) and ``n_train``, ``n_val`` are set at
+    construction.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered AnnData.
+    train_size
+        Share of cells for training (default 0.9).
+    validation_size
+        Share of cells for validation (default ``1 - train_size``).
+    shuffle_set_split
+        Randomise which units go to which split (seeded by ``scvi.settings.seed``).
+    max_cells_per_batch
+        Cell budget of a minibatch.
+    max_cells_per_tissue
+        Context limit.
+    drop_cell_rate
+        Training-time context dropout.
+    **kwargs
+        Passed to the loaders.
+    """
+
+    def __init__(
+        self,
+        adata_manager: AnnDataManager,
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        shuffle_set_split: bool = True,
+        batch_size: int | None = None,
+        max_cells_per_batch: int | None = None,
+        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        drop_cell_rate: float = 0.0,
+        distributed_sampler: bool = False,
+        load_sparse_tensor: bool = False,
+        **kwargs,
+    ):
+        super().__init__()
+        train_size = 0.9 if train_size is None else float(train_size)
+        validation_size = 1.0 - train_size if validation_size is None else float(validation_size)
+        if not (
+            0 < train_size <= 1 and 0 <= validation_size < 1 and train_size + validation_size <= 1 + 1e-9
+        ):
+            raise ValueError(
+                f"Invalid split: train_size={train_size}, validation_size={validation_size}; "
+                "both must be shares in [0, 1] adding up to at most 1."
+            )
+        self.adata_manager = adata_manager
+        self.loader_kwargs = {
+            "max_cells_per_batch": max_cells_per_batch or batch_size,
+            "max_cells_per_tissue": max_cells_per_tissue,
+            "distributed_sampler": distributed_sampler,
+            **kwargs,
+        }
+        self.drop_cell_rate = drop_cell_rate
+        data = tissue_data(adata_manager, max_cells_per_tissue)
+        seed = (settings.seed or 0) if shuffle_set_split else 0
+        self.train_idx, self.val_idx, self.test_idx = split_units(
+            data.index,
+            data.coords,
+            adata_manager.adata.obs_names.to_numpy(),
+            train_size,
+            validation_size,
+            seed,
+        )
+        self.n_train, self.n_val = len(self.train_idx), len(self.val_idx)
+        logger.info(f"Tissue-level split: {self.n_train} training cells, {self.n_val} validation cells.")
+
+    def _loader(self, indices: np.ndarray, shuffle: bool, drop_cell_rate: float = 0.0) -> TissueDataLoader:
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return TissueDataLoader(
+            self.adata_manager,
+            indices,
+            shuffle=shuffle,
+            drop_cell_rate=drop_cell_rate,
+            epoch=epoch,
+            **self.loader_kwargs,
+        )
+
+    def train_dataloader(self) -> TissueDataLoader:
+        """Shuffled loader over the training tissues, with context dropout."""
+        return self._loader(self.train_idx, shuffle=True, drop_cell_rate=self.drop_cell_rate)
+
+    def val_dataloader(self) -> TissueDataLoader | list:
+        """Loader over the validation tissues (an empty list when there are none)."""
+        return self._loader(self.val_idx, shuffle=False) if self.n_val else []
+
+    def test_dataloader(self) -> TissueDataLoader | list:
+        """Loader over the test tissues (an empty list when there are none)."""
+        return self._loader(self.test_idx, shuffle=False) if len(self.test_idx) else []

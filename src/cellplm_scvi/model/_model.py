@@ -1,0 +1,554 @@
+"""The CellPLM model: scvi-tools glue over :class:`~cellplm_scvi.module.CellPLMModule`."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS, settings
+from scvi.data import AnnDataManager, fields
+from scvi.model._utils import _get_batch_code_from_category
+from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
+from scvi.model.base._training_mixin import get_max_epochs_heuristic
+from scvi.utils import setup_anndata_dsp, track
+
+from cellplm_scvi._constants import BATCH_KEYS, CELLPLM_REGISTRY_KEYS
+from cellplm_scvi.data import TissueDataLoader, TissueDataSplitter, tissue_data
+from cellplm_scvi.data._loaders import DEFAULT_MAX_CELLS_PER_BATCH, DEFAULT_MAX_CELLS_PER_TISSUE
+from cellplm_scvi.module import CellPLMModule
+from cellplm_scvi.module._module import dense_counts
+
+from ._presets import resolve_preset
+from ._validation import check_counts, check_layer, check_obs_key, check_spatial
+
+logger = logging.getLogger(__name__)
+
+
+class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """CellPLM: a cell language model over tissues (Wen et al., ICLR 2024) on scvi-tools.
+
+    Cells are tokens and a tissue (one batch × field-of-view) is a sentence: every cell attends to
+    the other cells of its tissue, never to other tissues. Tissues larger than
+    ``max_cells_per_tissue`` are cut into spatial tiles (or fixed chunks without coordinates).
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata` (or MuData with :meth:`setup_mudata`).
+    registry
+        Registry of a saved model; lets a model be built without data (used by :meth:`load`).
+    preset
+        ``None`` (a small model that trains on a laptop CPU) or ``"cellplm-85m"`` (the released
+        architecture). Keyword arguments override the preset.
+    max_cells_per_tissue
+        Context limit: the largest set of cells that attend to each other.
+    **module_kwargs
+        Passed to :class:`~cellplm_scvi.module.CellPLMModule` (``n_hidden``, ``n_layers``,
+        ``n_heads``, ``n_latent``, ``n_components``, ``latent``, ``attention``, ``likelihood``,
+        ``dropout``, masking rates, ``use_positional_encoding``, ...).
+
+    Examples
+    --------
+    >>> CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    >>> model = CellPLM(adata)
+    >>> model.train(max_epochs=50)
+    >>> adata.obsm["X_cellplm"] = model.get_latent_representation()
+    """
+
+    _module_cls = CellPLMModule
+    _data_splitter_cls = TissueDataSplitter
+    _data_loader_cls = TissueDataLoader
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        preset: str | None = None,
+        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        **module_kwargs,
+    ):
+        super().__init__(adata, registry)
+        if int(max_cells_per_tissue) < 1:
+            raise ValueError(
+                f"max_cells_per_tissue must be a positive number of cells, got {max_cells_per_tissue}."
+            )
+        self.max_cells_per_tissue = int(max_cells_per_tissue)
+        kwargs = resolve_preset(preset, module_kwargs)
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars, n_batch=self.summary_stats.n_batch, **kwargs
+        )
+        m = self.module
+        self._model_summary_string = (
+            f"CellPLM model ({preset or 'default'}): latent={m.latent_kind}, "
+            f"attention={type(m.encoder.layers[0].attention).__name__}, likelihood={m.likelihood}, "
+            f"n_hidden={m.embedder.genes.embedding_dim}, n_layers={len(m.encoder.layers)}, n_latent={m.n_latent}, "
+            f"positional encoding={'on' if m.use_positional_encoding else 'off'}, "
+            f"max_cells_per_tissue={self.max_cells_per_tissue}, "
+            f"{sum(p.numel() for p in m.parameters()):,} parameters"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------- registration
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        fov_key: str | None = None,
+        spatial_key: str | None = None,
+        labels_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """%(summary)s.
+
+        A tissue is one value of (``batch_key``, ``fov_key``); without either, all cells form one
+        tissue. Coordinates are normalised per tissue inside the data pipeline; ``adata`` is
+        not changed beyond the registry's ``_scvi_*`` columns and ``uns`` entries.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_layer)s
+            Must hold raw counts for ``likelihood="nb"``.
+        %(param_batch_key)s
+            The sample / slide; the decoder learns one embedding per batch.
+        fov_key
+            Key in ``adata.obs`` for the field of view inside a batch (optional).
+        spatial_key
+            Key in ``adata.obsm`` with ``(n_obs, 2)`` x/y coordinates (optional). Without it the
+            cells get a learned placeholder instead of a positional encoding.
+        %(param_labels_key)s
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        check_layer(adata, layer)
+        for key, argument in ((batch_key, "batch_key"), (fov_key, "fov_key"), (labels_key, "labels_key")):
+            check_obs_key(adata, key, argument)
+        check_spatial(adata, spatial_key)
+        counts = adata.X if layer is None else adata.layers[layer]
+        _warn_if_not_counts(counts, "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+        anndata_fields = [
+            fields.LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            fields.CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            fields.CategoricalObsField(CELLPLM_REGISTRY_KEYS.FOV_KEY, fov_key),
+            fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+        ]
+        if spatial_key is not None:
+            anndata_fields.append(fields.ObsmField(CELLPLM_REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @classmethod
+    def setup_mudata(
+        cls,
+        mdata,
+        rna_layer: str | None = None,
+        batch_key: str | None = None,
+        fov_key: str | None = None,
+        spatial_key: str | None = None,
+        labels_key: str | None = None,
+        modalities: dict[str, str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register a :class:`~mudata.MuData` for CellPLM.
+
+        Parameters
+        ----------
+        mdata
+            The MuData.
+        rna_layer
+            Layer of the RNA modality with raw counts (``None``: its ``X``).
+        batch_key, fov_key, labels_key
+            ``obs`` keys, as in :meth:`setup_anndata`.
+        spatial_key
+            ``obsm`` key with coordinates, as in :meth:`setup_anndata`.
+        modalities
+            Which modality holds each item, e.g. ``{"rna_layer": "rna", "batch_key": "rna",
+            "spatial_key": "rna"}``; ``rna_layer`` is required.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        if not modalities or "rna_layer" not in modalities:
+            raise ValueError("setup_mudata needs modalities={'rna_layer': <name of the RNA modality>, ...}.")
+        if modalities["rna_layer"] not in mdata.mod:
+            raise KeyError(
+                f"Modality {modalities['rna_layer']!r} is not in mdata.mod; available: {list(mdata.mod)}."
+            )
+        modalities = cls._create_modalities_attr_dict(modalities, setup_method_args)
+        mudata_fields = [
+            fields.MuDataLayerField(
+                REGISTRY_KEYS.X_KEY,
+                rna_layer,
+                mod_key=modalities.rna_layer,
+                is_count_data=True,
+                mod_required=True,
+            ),
+            fields.MuDataCategoricalObsField(
+                REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.batch_key
+            ),
+            fields.MuDataCategoricalObsField(
+                CELLPLM_REGISTRY_KEYS.FOV_KEY, fov_key, mod_key=modalities.fov_key
+            ),
+            fields.MuDataCategoricalObsField(
+                REGISTRY_KEYS.LABELS_KEY, labels_key, mod_key=modalities.labels_key
+            ),
+        ]
+        if spatial_key is not None:
+            mudata_fields.append(
+                fields.MuDataObsmField(
+                    CELLPLM_REGISTRY_KEYS.SPATIAL_KEY, spatial_key, mod_key=modalities.spatial_key
+                )
+            )
+        adata_manager = AnnDataManager(fields=mudata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(mdata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ----------------------------------------------------------------- training
+    def train(
+        self,
+        max_epochs: int | None = None,
+        lr: float = 1e-3,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        max_cells_per_batch: int = DEFAULT_MAX_CELLS_PER_BATCH,
+        drop_cell_rate: float = 0.3,
+        early_stopping: bool = False,
+        n_epochs_kl_warmup: int | None = None,
+        plan_kwargs: dict | None = None,
+        datasplitter_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train with scvi-tools' :class:`~scvi.train.TrainingPlan` and Lightning.
+
+        Parameters
+        ----------
+        max_epochs
+            Number of passes over the training tissues; default scales with the data size as in
+            scVI (``min(400, 20000 / n_cells * 400)``).
+        lr
+            Learning rate (AdamW).
+        accelerator, devices
+            Lightning's accelerator and devices (``"cpu"``, ``"gpu"``, ``"auto"``; ``1``, ``[0, 1]``...).
+        train_size, validation_size
+            Shares of cells, split by whole tissues (default 0.9 / 0.1).
+        max_cells_per_batch
+            Cell budget of a minibatch: whole tissues are packed up to this many cells. Must be at
+            least ``max_cells_per_tissue``.
+        drop_cell_rate
+            Share of each tissue's cells left out of each training step (context dropout).
+        early_stopping
+            Stop when the validation ELBO stops improving.
+        n_epochs_kl_warmup
+            Epochs over which the KL weight grows from 0 to 1 (default: a quarter of
+            ``max_epochs``).
+        plan_kwargs
+            More :class:`~scvi.train.TrainingPlan` arguments.
+        datasplitter_kwargs
+            More :class:`~cellplm_scvi.data.TissueDataSplitter` arguments (``num_workers``...).
+        **trainer_kwargs
+            Lightning :class:`~lightning.pytorch.Trainer` arguments.
+        """
+        if int(max_cells_per_batch) < self.max_cells_per_tissue:
+            raise ValueError(
+                f"max_cells_per_batch={max_cells_per_batch} is smaller than max_cells_per_tissue="
+                f"{self.max_cells_per_tissue}: a whole tissue unit must fit one minibatch. Raise "
+                "max_cells_per_batch, or build the model with a smaller max_cells_per_tissue."
+            )
+        if max_epochs is None:
+            max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
+        if int(max_epochs) < 1:
+            raise ValueError(f"max_epochs must be a positive integer, got {max_epochs}.")
+        plan_kwargs = {
+            "lr": lr,
+            "optimizer": "AdamW",
+            "n_epochs_kl_warmup": max(1, max_epochs // 4)
+            if n_epochs_kl_warmup is None
+            else n_epochs_kl_warmup,
+            **(plan_kwargs or {}),
+        }
+        datasplitter_kwargs = {
+            "max_cells_per_batch": max_cells_per_batch,
+            "max_cells_per_tissue": self.max_cells_per_tissue,
+            "drop_cell_rate": drop_cell_rate,
+            **(datasplitter_kwargs or {}),
+        }
+        trainer_kwargs.setdefault("reload_dataloaders_every_n_epochs", 1)  # the packing changes each epoch
+        trainer_kwargs.setdefault("log_every_n_steps", 1)
+        if validation_size != 0 and train_size != 1.0:
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            datasplitter_kwargs=datasplitter_kwargs,
+            **trainer_kwargs,
+        )
+
+    # ------------------------------------------------------------ data loading
+    def _make_data_loader(
+        self, adata, indices=None, batch_size=None, shuffle=False, data_loader_class=None, **kwargs
+    ):
+        kwargs.setdefault("max_cells_per_tissue", self.max_cells_per_tissue)
+        kwargs.setdefault(
+            "max_cells_per_batch", max(batch_size or DEFAULT_MAX_CELLS_PER_BATCH, self.max_cells_per_tissue)
+        )
+        return super()._make_data_loader(adata, indices, None, shuffle, data_loader_class, **kwargs)
+
+    def _context_batches(
+        self, adata, indices, batch_size, silent: bool = True
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Minibatches holding every requested cell with its whole unit as context."""
+        manager = self.get_anndata_manager(adata, required=True)
+        index = tissue_data(manager, self.max_cells_per_tissue).index
+        context = np.sort(index.cells_of_units(index.units_containing(indices)))
+        loader = self._make_data_loader(adata=adata, indices=context, batch_size=batch_size)
+        return track(
+            loader, description="CellPLM inference", disable=silent, style=settings.progress_bar_style
+        )
+
+    def _indices(self, adata: AnnData, indices: Sequence[int] | None) -> np.ndarray:
+        if indices is None:
+            return np.arange(adata.n_obs)
+        indices = np.asarray(indices)
+        if indices.dtype == bool:
+            indices = np.flatnonzero(indices)
+        if len(indices) and (indices.min() < 0 or indices.max() >= adata.n_obs):
+            raise IndexError(
+                f"indices must lie in [0, {adata.n_obs}); got values from {indices.min()} to {indices.max()}."
+            )
+        return indices.astype(np.int64)
+
+    # --------------------------------------------------------------- outputs
+    @torch.inference_mode()
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        mc_samples: int = 1,
+        batch_size: int | None = None,
+        return_dist: bool = False,
+        **kwargs,
+    ) -> np.ndarray:
+        """Cell embeddings ``z``, each computed with the cell's whole tissue (or tile) as context.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's setup (default: the training data).
+        indices
+            Cells to return, in this order (default: all).
+        give_mean
+            Return the posterior mean (deterministic); otherwise one sample of ``q(z|x)``.
+        mc_samples
+            Unused; kept for scvi-tools compatibility.
+        batch_size
+            Cell budget per forward pass (does not change the result).
+        return_dist
+            Return ``(mean, variance)`` of ``q(z|x)`` instead.
+
+        Returns
+        -------
+        ``(len(indices), n_latent)`` float32 array (or two, with ``return_dist``).
+        """
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        indices = self._indices(adata, indices)
+        if (return_dist or not give_mean) and self.module.latent_kind == "none":
+            raise ValueError(
+                "This model has a deterministic latent (latent='none'): it has no distribution to sample."
+            )
+        n_latent = self.module.n_latent
+        means = np.zeros((adata.n_obs, n_latent), dtype=np.float32)
+        variances = np.zeros_like(means) if return_dist else None
+        for tensors in self._context_batches(adata, indices, batch_size):
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            rows = tensors[BATCH_KEYS.OBS_INDEX].numpy()
+            z = out["z"] if give_mean else out["qz"].sample()
+            means[rows] = z.cpu().numpy()
+            if return_dist:
+                variances[rows] = out["qz"].variance.cpu().numpy()
+        if return_dist:
+            return means[indices], variances[indices]
+        return means[indices]
+
+    @torch.inference_mode()
+    def get_cluster_probabilities(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """``q(y|z)`` at the posterior mean: ``(len(indices), n_components)`` (``latent="gmm"`` only)."""
+        if self.module.latent_kind != "gmm":
+            raise ValueError(
+                f"Cluster probabilities need latent='gmm'; this model has latent={self.module.latent_kind!r}."
+            )
+        z = torch.as_tensor(
+            self.get_latent_representation(adata, indices, batch_size=batch_size), device=self.device
+        )
+        return self.module.cluster_probabilities(z).cpu().numpy()
+
+    def get_cluster_assignments(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> pd.Categorical:
+        """Most probable mixture component of each cell, as a categorical of component numbers."""
+        probabilities = self.get_cluster_probabilities(adata, indices, batch_size)
+        return pd.Categorical(probabilities.argmax(1), categories=np.arange(probabilities.shape[1]))
+
+    @torch.inference_mode()
+    def get_normalized_expression(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch: Sequence[str | int] | str | int | None = None,
+        gene_list: Sequence[str] | None = None,
+        library_size: float | Literal["latent"] = 1,
+        n_samples: int = 1,
+        n_samples_overall: int | None = None,
+        weights: Literal["uniform"] | None = None,
+        batch_size: int | None = None,
+        return_mean: bool = True,
+        return_numpy: bool | None = None,
+        silent: bool = True,
+        **kwargs,
+    ) -> np.ndarray | pd.DataFrame:
+        """Denoised expression, with scvi-tools' semantics (so that ``differential_expression`` works).
+
+        Parameters
+        ----------
+        adata, indices
+            Cells (each computed with its whole tissue as context).
+        transform_batch
+            Batch categories to decode every cell as; the result is averaged over them
+            (default: each cell's own batch).
+        gene_list
+            Genes to return (default: all).
+        library_size
+            Scale each cell's expression to this total, or ``"latent"`` for its observed library.
+        n_samples
+            Posterior samples of ``z`` per cell.
+        n_samples_overall
+            Draw this many cells at random from ``indices`` (used by differential expression).
+        weights
+            Only ``"uniform"`` (or ``None``) is supported.
+        batch_size
+            Cell budget per forward pass.
+        return_mean
+            Average over ``n_samples``.
+        return_numpy
+            Return an array instead of a DataFrame (forced when samples are kept).
+        silent
+            Hide the progress bar.
+
+        Returns
+        -------
+        ``(n_cells, n_genes)`` DataFrame or array; ``(n_samples, n_cells, n_genes)`` when samples
+        are kept.
+        """
+        if weights not in (None, "uniform"):
+            raise ValueError("CellPLM supports weights='uniform' only.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        indices = self._indices(adata, indices)
+        if n_samples_overall is not None:
+            indices = np.random.choice(indices, n_samples_overall)
+        var_names = manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+        genes = np.arange(len(var_names)) if gene_list is None else _gene_positions(var_names, gene_list)
+        if transform_batch is None or isinstance(transform_batch, str | int):
+            transform_batch = [transform_batch]
+        codes = _get_batch_code_from_category(manager, transform_batch)
+        result = np.zeros((n_samples, adata.n_obs, len(genes)), dtype=np.float32)
+        for tensors in self._context_batches(adata, np.unique(indices), batch_size, silent):
+            out = self.module.inference(**self.module._get_inference_input(tensors))
+            z = (
+                out["qz"].sample((n_samples,))
+                if n_samples > 1 and out["qz"] is not None
+                else out["z"].expand(n_samples, -1, -1)
+            )
+            expression = 0
+            for code in codes:
+                logits = self.module.generative(z, tensors[BATCH_KEYS.BATCH], transform_batch=code)[
+                    "px_logits"
+                ]
+                expression = expression + self.module.normalized_expression(logits)[..., genes] / len(codes)
+            if library_size == "latent":
+                expression = expression * dense_counts(tensors, self.module.n_input).sum(-1, keepdim=True).to(
+                    z.device
+                )
+            else:
+                expression = expression * library_size
+            result[:, tensors[BATCH_KEYS.OBS_INDEX].numpy()] = expression.cpu().numpy()
+        result = result[:, indices]
+        if n_samples > 1 and not return_mean:
+            return result
+        result = result.mean(0)
+        if return_numpy or (return_numpy is None and n_samples_overall is not None):
+            return result
+        return pd.DataFrame(result, index=adata.obs_names[indices], columns=np.asarray(var_names)[genes])
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Counts drawn from the negative-binomial posterior predictive.
+
+        Returns
+        -------
+        ``(n_cells, n_genes)`` array, or ``(n_cells, n_genes, n_samples)`` when ``n_samples > 1``.
+        """
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        manager = self.get_anndata_manager(adata, required=True)
+        indices = self._indices(adata, indices)
+        var_names = manager.get_state_registry(REGISTRY_KEYS.X_KEY).column_names
+        genes = np.arange(len(var_names)) if gene_list is None else _gene_positions(var_names, gene_list)
+        shape = (adata.n_obs, len(genes)) + ((n_samples,) if n_samples > 1 else ())
+        result = np.zeros(shape, dtype=np.float32)
+        for tensors in self._context_batches(adata, np.unique(indices), batch_size):
+            result[tensors[BATCH_KEYS.OBS_INDEX].numpy()] = self.module.sample(tensors, n_samples)[
+                :, genes
+            ].numpy()
+        return result[indices]
+
+
+def _gene_positions(var_names: Sequence[str], gene_list: Sequence[str]) -> np.ndarray:
+    position = pd.Index(var_names).get_indexer(gene_list)
+    if (position < 0).any():
+        missing = [g for g, p in zip(gene_list, position, strict=True) if p < 0]
+        raise KeyError(f"{len(missing)} genes of gene_list are not in the model's genes, e.g. {missing[:5]}.")
+    return position
+
+
+def _warn_if_not_counts(matrix, where: str) -> None:
+    if not check_counts(matrix, where):
+        warnings.warn(
+            f"{where} holds non-integer values, but likelihood='nb' models raw counts. Pass the raw counts "
+            "with layer=... (e.g. layer='counts'), or build the model with likelihood='mse' for "
+            "log-normalised data.",
+            UserWarning,
+            stacklevel=settings.warnings_stacklevel + 1,
+        )

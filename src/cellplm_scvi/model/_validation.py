@@ -1,0 +1,72 @@
+"""Checks of user input that stop early with one clear message."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:
+    """Raise ``KeyError`` naming ``argument`` when ``key`` is not an ``obs`` column; ``ValueError`` on missing values."""
+    if key is None:
+        return
+    if key not in adata.obs:
+        raise KeyError(
+            f"{argument}={key!r} is not a column of adata.obs; available: {list(adata.obs.columns)}."
+        )
+    if adata.obs[key].isna().any():
+        n = int(adata.obs[key].isna().sum())
+        raise ValueError(
+            f"{argument}={key!r} has {n} missing values; fill them (e.g. with 'unknown') before setup."
+        )
+
+
+def check_layer(adata: AnnData, layer: str | None) -> None:
+    """Raise ``KeyError`` when ``layer`` is not in ``adata.layers``."""
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer={layer!r} is not in adata.layers; available: {list(adata.layers.keys())}.")
+
+
+def check_spatial(adata: AnnData, spatial_key: str | None) -> None:
+    """Check that ``adata.obsm[spatial_key]`` holds finite numeric ``(n_obs, 2+)`` coordinates."""
+    if spatial_key is None:
+        return
+    if spatial_key not in adata.obsm:
+        raise KeyError(
+            f"spatial_key={spatial_key!r} is not in adata.obsm; available: {list(adata.obsm.keys())}."
+        )
+    coords = adata.obsm[spatial_key]
+    coords = coords.to_numpy() if hasattr(coords, "to_numpy") else np.asarray(coords)
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] must have shape (n_obs, 2) with x and y; got {coords.shape}."
+        )
+    if not np.issubdtype(coords.dtype, np.number):
+        raise ValueError(f"adata.obsm[{spatial_key!r}] must be numeric; got dtype {coords.dtype}.")
+    bad = ~np.isfinite(coords[:, :2]).all(1)
+    if bad.any():
+        raise ValueError(
+            f"adata.obsm[{spatial_key!r}] has NaN or infinite coordinates for {int(bad.sum())} cells "
+            f"(first: {adata.obs_names[bad][0]!r}); drop those cells or fill their positions."
+        )
+
+
+def check_counts(matrix, where: str, chunk: int = 10_000) -> bool:
+    """Reject negative / NaN / infinite values; return whether all values are integers.
+
+    Reads the matrix in row chunks (dense, sparse or backed).
+    """
+    integer = True
+    for start in range(0, matrix.shape[0], chunk):
+        block = matrix[start : start + chunk]
+        values = block.data if sp.issparse(block) else np.asarray(block)
+        if not np.isfinite(values).all():
+            raise ValueError(f"{where} contains NaN or infinite values; CellPLM needs finite raw counts.")
+        if (values < 0).any():
+            raise ValueError(
+                f"{where} contains negative values; CellPLM needs raw counts. "
+                "Pass the counts with layer=... (e.g. layer='counts')."
+            )
+        integer = integer and bool(np.all(values == np.round(values)))
+    return integer

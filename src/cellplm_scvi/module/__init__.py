@@ -1,0 +1,5 @@
+"""The CellPLM scvi-tools module."""
+
+from ._module import CellPLMModule
+
+__all__ = ["CellPLMModule"]

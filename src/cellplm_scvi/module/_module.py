@@ -1,0 +1,375 @@
+"""CellPLMModule: masked denoising ELBO over tissues of cells, as an scvi-tools module."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi.distributions import NegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+from cellplm_scvi._constants import BATCH_KEYS
+from cellplm_scvi.nn import (
+    BatchAwareDecoder,
+    CellEncoder,
+    GeneBagEmbedder,
+    Sinusoidal2dEncoding,
+    TokenProjection,
+)
+from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids
+from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
+
+LIKELIHOODS = ("nb", "mse")
+_INFERENCE_KEYS = (
+    BATCH_KEYS.X_INDPTR,
+    BATCH_KEYS.X_INDICES,
+    BATCH_KEYS.X_DATA,
+    BATCH_KEYS.SEGMENT_PTR,
+    BATCH_KEYS.COORDS,
+    BATCH_KEYS.HAS_COORDS,
+    BATCH_KEYS.MEASURED,
+    BATCH_KEYS.MEASURED_ROW,
+)
+
+
+def _choose(name: str, value: str, options) -> str:
+    if value not in options:
+        raise ValueError(f"Unknown {name}={value!r}; choose one of {sorted(options)}.")
+    return value
+
+
+def dense_counts(tensors: dict[str, torch.Tensor], n_genes: int) -> torch.Tensor:
+    """``(N, G)`` dense counts of a minibatch from its CSR parts."""
+    indptr, data = tensors[BATCH_KEYS.X_INDPTR], tensors[BATCH_KEYS.X_DATA]
+    dense = data.new_zeros(indptr.numel() - 1, n_genes)
+    dense[entry_rows(indptr), tensors[BATCH_KEYS.X_INDICES]] = data
+    return dense
+
+
+def entry_rows(indptr: torch.Tensor) -> torch.Tensor:
+    """``(nnz,)`` row of each stored entry of a CSR matrix with row pointer ``indptr``."""
+    n_rows = indptr.numel() - 1
+    return torch.repeat_interleave(
+        torch.arange(n_rows, device=indptr.device), indptr.diff(), output_size=int(indptr[-1])
+    )
+
+
+class CellPLMModule(BaseModuleClass):
+    """CellPLM: cells as tokens, a tissue as a sentence, a Gaussian-mixture latent, a masked denoising objective.
+
+    Forward pass for a minibatch of ``N`` cells in ``T`` packed tissues:
+
+    1. training only: in each tissue ``int(mask_cell_rate * n)`` cells are chosen and each of
+       their *measured* genes is masked (set to zero in the input) with probability
+       ``mask_gene_rate``;
+    2. token ``e = log1p(x) @ E`` (sparse), plus the 2-D sinusoidal encoding of the cell's position
+       (a learned placeholder without coordinates), then ``GroupNorm(Dropout(ReLU(Linear(.))))``;
+    3. ``n_layers`` pre-norm transformer layers, attention only within each tissue;
+    4. LayerNorm, then the latent layer (``q(z|x)``, and ``q(y|z)`` for the mixture);
+    5. batch-aware decoder on ``z + b``.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes ``G``.
+    n_batch
+        Number of batches.
+    n_hidden
+        Token / encoder width ``D``.
+    n_layers
+        Encoder layers.
+    n_heads
+        Attention heads.
+    n_latent
+        Latent width ``L``.
+    n_components
+        Mixture components ``K`` (``latent="gmm"``).
+    latent
+        ``"gmm"`` (Gaussian-mixture prior), ``"normal"`` (standard normal prior) or ``"none"``
+        (deterministic autoencoder).
+    attention
+        ``"flow"`` (Flowformer, linear in cells) or ``"softmax"`` (exact).
+    likelihood
+        ``"nb"`` (negative binomial on counts) or ``"mse"`` (squared error on
+        ``log1p(1e4 x / l)``).
+    n_decoder_hidden
+        Width of the decoder's hidden blocks.
+    n_decoder_layers
+        Number of decoder hidden blocks.
+    dropout
+        Dropout rate throughout.
+    mask_cell_rate
+        Share of each tissue's cells that get masked genes in training.
+    mask_gene_rate
+        Share of a masked cell's measured genes that are masked.
+    full_profile_weight
+        Weight of the masked cells' full-profile term in the reconstruction loss.
+    use_positional_encoding
+        Add the spatial encoding (off for ablations).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_batch: int,
+        n_hidden: int = 128,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        n_latent: int = 32,
+        n_components: int = 16,
+        latent: Literal["gmm", "normal", "none"] = "gmm",
+        attention: Literal["flow", "softmax"] = "flow",
+        likelihood: Literal["nb", "mse"] = "nb",
+        n_decoder_hidden: int = 256,
+        n_decoder_layers: int = 1,
+        dropout: float = 0.1,
+        mask_cell_rate: float = 0.75,
+        mask_gene_rate: float = 0.25,
+        full_profile_weight: float = 1.0,
+        use_positional_encoding: bool = True,
+    ):
+        super().__init__()
+        _choose("latent", latent, LATENT_KINDS)
+        _choose("attention", attention, ATTENTION_KINDS)
+        _choose("likelihood", likelihood, LIKELIHOODS)
+        for name, size in {
+            "n_input": n_input,
+            "n_hidden": n_hidden,
+            "n_layers": n_layers,
+            "n_heads": n_heads,
+            "n_latent": n_latent,
+            "n_components": n_components,
+            "n_decoder_hidden": n_decoder_hidden,
+        }.items():
+            if int(size) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}.")
+        for name, rate in {"mask_cell_rate": mask_cell_rate, "mask_gene_rate": mask_gene_rate}.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {rate}.")
+        if n_hidden % 4 or n_decoder_hidden % 4:
+            raise ValueError(
+                f"n_hidden and n_decoder_hidden must be divisible by 4 (GroupNorm), got {n_hidden}, {n_decoder_hidden}."
+            )
+        self.n_input, self.n_batch, self.n_latent = n_input, n_batch, n_latent
+        self.likelihood = likelihood
+        self.mask_cell_rate, self.mask_gene_rate = mask_cell_rate, mask_gene_rate
+        self.full_profile_weight = full_profile_weight
+        self.use_positional_encoding = use_positional_encoding
+
+        self.embedder = GeneBagEmbedder(n_input, n_hidden)
+        self.positional_encoding = Sinusoidal2dEncoding(n_hidden) if use_positional_encoding else None
+        self.projection = TokenProjection(n_hidden, dropout)
+        self.encoder = CellEncoder(n_hidden, n_layers, n_heads, dropout, attention)
+        self.pre_latent_norm = nn.LayerNorm(n_hidden)
+        latent_cls = LATENT_KINDS[latent]
+        self.latent = (
+            latent_cls(n_hidden, n_latent, n_components)
+            if latent == "gmm"
+            else latent_cls(n_hidden, n_latent)
+        )
+        self.decoder = BatchAwareDecoder(
+            n_latent, n_input, n_batch, n_decoder_hidden, n_decoder_layers, dropout
+        )
+        self.log_dispersion = nn.Parameter(torch.zeros(n_input)) if likelihood == "nb" else None
+
+    @property
+    def latent_kind(self) -> str:
+        """``"gmm"``, ``"normal"`` or ``"none"``."""
+        return self.latent.kind
+
+    # ---------------------------------------------------------------- masking
+    def _mask(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose masked cells (``(N,)`` bool) and masked entries (``(N, G)`` bool, measured genes only)."""
+        segment_ptr, measured_row = tensors[BATCH_KEYS.SEGMENT_PTR], tensors[BATCH_KEYS.MEASURED_ROW]
+        n_cells, device = measured_row.numel(), measured_row.device
+        segment = segment_ids(segment_ptr, n_cells)
+        lengths = segment_ptr.diff()
+        # rank of each cell within its tissue in a random order
+        order = torch.argsort(segment.double() + torch.rand(n_cells, device=device, dtype=torch.float64))
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(n_cells, device=device) - segment_ptr[:-1].repeat_interleave(lengths)
+        masked_cells = rank < (lengths.double() * self.mask_cell_rate).long()[segment]
+        measured = tensors[BATCH_KEYS.MEASURED][measured_row]
+        masked_entries = (torch.rand(n_cells, self.n_input, device=device) < self.mask_gene_rate) & measured
+        return masked_cells, masked_entries & masked_cells[:, None]
+
+    # -------------------------------------------------------------- inference
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
+        return {key: tensors[key] for key in _INFERENCE_KEYS}
+
+    @auto_move_data
+    def inference(
+        self,
+        x_indptr: torch.Tensor,
+        x_indices: torch.Tensor,
+        x_data: torch.Tensor,
+        segment_ptr: torch.Tensor,
+        coords: torch.Tensor,
+        has_coords: torch.Tensor,
+        measured: torch.Tensor,
+        measured_row: torch.Tensor,
+        n_samples: int = 1,
+    ) -> dict:
+        """Encode a token set.
+
+        Parameters are the minibatch tensors named in :data:`~cellplm_scvi._constants.BATCH_KEYS`;
+        ``n_samples`` draws that many ``z`` (training) or repeats the mean (evaluation).
+
+        Returns
+        -------
+        dict with ``z`` (``(N, L)`` or ``(S, N, L)``), ``qz`` (``Normal`` or ``None``), ``latent``
+        (:class:`~cellplm_scvi.nn.LatentOutput`), ``masked_cells`` (``(N,)`` bool or ``None``) and
+        ``masked_entries`` (``(N, G)`` bool or ``None``).
+        """
+        masked_cells = masked_entries = None
+        values = x_data
+        if self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0:
+            masked_cells, masked_entries = self._mask(
+                {
+                    BATCH_KEYS.SEGMENT_PTR: segment_ptr,
+                    BATCH_KEYS.MEASURED: measured,
+                    BATCH_KEYS.MEASURED_ROW: measured_row,
+                }
+            )
+            values = x_data.masked_fill(masked_entries[entry_rows(x_indptr), x_indices], 0.0)
+        h = self.embedder(x_indptr, x_indices, values)
+        if self.positional_encoding is not None:
+            h = h + self.positional_encoding(coords, has_coords)
+        h = self.projection(h)
+        h = self.pre_latent_norm(self.encoder(h, segment_ptr))
+        latent = self.latent(h, n_samples=n_samples)
+        return {
+            "z": latent.z,
+            "qz": latent.qz,
+            "latent": latent,
+            "masked_cells": masked_cells,
+            "masked_entries": masked_entries,
+        }
+
+    def cluster_probabilities(self, z: torch.Tensor) -> torch.Tensor:
+        """``(N, L)`` → ``(N, K)`` ``q(y|z)``; only for the Gaussian-mixture latent."""
+        if self.latent_kind != "gmm":
+            raise ValueError(
+                f"Cluster probabilities need latent='gmm'; this model has latent={self.latent_kind!r}."
+            )
+        return F.softmax(self.latent.cluster_logits(z), dim=-1)
+
+    # ------------------------------------------------------------- generative
+    def _get_generative_input(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict, **kwargs
+    ) -> dict:
+        return {"z": inference_outputs["z"], "batch_index": tensors[BATCH_KEYS.BATCH]}
+
+    @auto_move_data
+    def generative(
+        self, z: torch.Tensor, batch_index: torch.Tensor, transform_batch: int | None = None
+    ) -> dict:
+        """Decode.
+
+        Parameters
+        ----------
+        z
+            ``(N, L)`` or ``(S, N, L)`` latent.
+        batch_index
+            ``(N,)`` batch codes.
+        transform_batch
+            Decode every cell as if it came from this batch code.
+
+        Returns
+        -------
+        dict with ``px_logits`` (``(..., N, G)``): gene logits (``"nb"``) or predicted
+        log-normalised expression (``"mse"``).
+        """
+        if transform_batch is not None:
+            batch_index = torch.full_like(batch_index, int(transform_batch))
+        return {"px_logits": self.decoder(z, batch_index)}
+
+    def normalized_expression(self, px_logits: torch.Tensor) -> torch.Tensor:
+        """``(..., N, G)`` expression per unit library (rows sum to 1)."""
+        if self.likelihood == "nb":
+            return F.softmax(px_logits, dim=-1)
+        expression = torch.expm1(px_logits).clamp(min=0)
+        return expression / expression.sum(-1, keepdim=True).clamp(min=1e-12)
+
+    # ------------------------------------------------------------------- loss
+    def _entry_loss(self, x: torch.Tensor, px_logits: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+        """``(N, G)`` per-entry loss: NB negative log-likelihood or squared error."""
+        library = x.sum(-1, keepdim=True)
+        if self.likelihood == "nb":
+            log_rho = F.log_softmax(px_logits.masked_fill(~measured, float("-inf")), dim=-1)
+            mu = library * log_rho.exp()
+            nll = -NegativeBinomial(mu=mu, theta=self.log_dispersion.exp()).log_prob(x)
+            return nll.masked_fill(~measured, 0.0)
+        target = torch.log1p(x / library.clamp(min=1.0) * 1e4)
+        return (px_logits - target).square()
+
+    def loss(
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
+    ) -> LossOutput:
+        r"""Masked denoising ELBO.
+
+        With ``M`` the masked cells, ``m_ij`` the masked entries (measured genes only, masked
+        zeros included), ``G_i`` the measured genes of cell ``i`` and ``l_ij`` the per-entry loss
+        (NB negative log-likelihood with mean ``l_i * rho_ij``, ``rho_i`` the decoder's softmax
+        renormalised over ``G_i`` and ``l_i`` the observed library; or the squared error on
+        ``log1p(1e4 x / l)``), the reconstruction term of cell ``i`` in training is
+
+        .. math:: r_i = \sum_j m_{ij} l_{ij} + w \, [i \in M] \sum_{j \in G_i} l_{ij}
+
+        with ``w = full_profile_weight``, and :math:`r_i = \sum_{j \in G_i} l_{ij}` for every cell
+        in evaluation (no masking). The loss is ``sum_i r_i / n_scored + kl_weight * mean_i KL_i``,
+        where ``n_scored`` is ``|M|`` in training and ``N`` in evaluation, and ``KL_i`` adds the
+        latent layer's terms (``kl_z``, and ``kl_y`` for the mixture).
+        """
+        x = dense_counts(tensors, self.n_input)
+        measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
+        entry_loss = self._entry_loss(x, generative_outputs["px_logits"], measured)
+        masked_cells, masked_entries = inference_outputs["masked_cells"], inference_outputs["masked_entries"]
+        if masked_cells is None:
+            reconstruction = (entry_loss * measured).sum(-1)
+            n_scored = reconstruction.numel()
+        else:
+            weights = masked_entries.to(entry_loss.dtype)
+            weights = weights + self.full_profile_weight * (masked_cells[:, None] & measured).to(
+                entry_loss.dtype
+            )
+            reconstruction = (entry_loss * weights).sum(-1)
+            n_scored = int(masked_cells.sum().clamp(min=1))
+        latent: LatentOutput = inference_outputs["latent"]
+        kl = self.latent.kl(latent)
+        kl_total = sum(kl.values()) if kl else torch.zeros_like(reconstruction)
+        loss = reconstruction.sum() / n_scored + kl_weight * kl_total.mean()
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction,
+            kl_local=kl or {"kl_z": torch.zeros_like(reconstruction)},
+            n_obs_minibatch=reconstruction.numel(),
+        )
+
+    @torch.inference_mode()
+    def sample(
+        self, tensors: dict[str, torch.Tensor], n_samples: int = 1, generative_kwargs: dict | None = None
+    ) -> torch.Tensor:
+        """Posterior predictive counts, ``(N, G)`` or ``(N, G, S)`` on the CPU (NB likelihood only)."""
+        if self.likelihood != "nb":
+            raise ValueError("Posterior predictive sampling needs likelihood='nb'.")
+        inference_outputs, generative_outputs = self.forward(
+            tensors,
+            inference_kwargs={"n_samples": n_samples},
+            generative_kwargs=generative_kwargs,
+            compute_loss=False,
+        )
+        library = dense_counts(tensors, self.n_input).sum(-1, keepdim=True).to(self.device)
+        mu = library * self.normalized_expression(generative_outputs["px_logits"])
+        counts = NegativeBinomial(mu=mu, theta=self.log_dispersion.exp()).sample()
+        if n_samples > 1:
+            counts = counts.permute(1, 2, 0)
+        return counts.cpu()

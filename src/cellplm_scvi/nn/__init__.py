@@ -1,0 +1,23 @@
+"""Neural-network building blocks of CellPLM: embedder, positional encoding, attention, encoder, latent, decoder."""
+
+from ._attention import FlowAttention, SoftmaxAttention
+from ._decoder import BatchAwareDecoder
+from ._embedder import GeneBagEmbedder, TokenProjection
+from ._encoder import CellEncoder, CellTransformerLayer
+from ._latent import DeterministicLatent, GaussianMixtureLatent, LatentOutput, NormalLatent
+from ._positional import Sinusoidal2dEncoding
+
+__all__ = [
+    "BatchAwareDecoder",
+    "CellEncoder",
+    "CellTransformerLayer",
+    "DeterministicLatent",
+    "FlowAttention",
+    "GaussianMixtureLatent",
+    "GeneBagEmbedder",
+    "LatentOutput",
+    "NormalLatent",
+    "Sinusoidal2dEncoding",
+    "SoftmaxAttention",
+    "TokenProjection",
+]
