@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cellplm_scvi.data import (
+    TissuePackingSampler,
+    build_tissue_index,
+    pack_units,
+    random_chunks,
+    shard_units,
+    spatial_tiles,
+    split_units,
+    stable_cell_keys,
+)
+
+
+def _names(n):
+    return np.array([f"c{i}" for i in range(n)])
+
+
+def _tiles_are_separable(coords, tiles):
+    """Every pair of tiles is separated by an axis-aligned line (k-d tiles are boxes)."""
+    for a in range(len(tiles)):
+        for b in range(a + 1, len(tiles)):
+            pa, pb = coords[tiles[a]], coords[tiles[b]]
+            separated = any(
+                pa[:, ax].max() <= pb[:, ax].min() or pb[:, ax].max() <= pa[:, ax].min() for ax in (0, 1)
+            )
+            if not separated:
+                return False
+    return True
+
+
+def test_small_tissues_are_single_units():
+    codes = np.array([0, 1, 0, 1, 2])
+    index = build_tissue_index(codes, _names(5), None, max_cells_per_tissue=10)
+    assert index.n_units == 3
+    assert [index.unit(u).tolist() for u in range(3)] == [[0, 2], [1, 3], [4]]
+    np.testing.assert_array_equal(index.unit_tissue, [0, 1, 2])
+
+
+def test_large_spatial_tissue_is_tiled_contiguously():
+    rng = np.random.default_rng(1)
+    coords = rng.uniform(0, 100, size=(1000, 2))
+    index = build_tissue_index(np.zeros(1000, int), _names(1000), coords, max_cells_per_tissue=130)
+    sizes = index.unit_sizes
+    assert sizes.max() <= 130 and sizes.sum() == 1000
+    assert index.n_units == -(-1000 // 130)
+    tiles = [index.unit(u) for u in range(index.n_units)]
+    assert _tiles_are_separable(coords, tiles)
+    np.testing.assert_array_equal(np.sort(index.unit_cells), np.arange(1000))
+
+
+def test_coordinates_normalised_per_tissue_keep_aspect_ratio():
+    coords = np.array([[10.0, 5.0], [30.0, 5.0], [20.0, 15.0], [1000.0, 1000.0], [1001.0, 1002.0]])
+    index = build_tissue_index(np.array([0, 0, 0, 1, 1]), _names(5), coords, 10)
+    np.testing.assert_allclose(index.tissue_origin, [[10, 5], [1000, 1000]])
+    np.testing.assert_allclose(index.tissue_scale, [20.0, 2.0])
+
+
+def test_chunks_do_not_depend_on_row_order():
+    names = _names(500)
+    index = build_tissue_index(np.zeros(500, int), names, None, max_cells_per_tissue=120)
+    perm = np.random.default_rng(0).permutation(500)
+    permuted = build_tissue_index(np.zeros(500, int), names[perm], None, max_cells_per_tissue=120)
+    as_names = lambda idx, nm: sorted(tuple(sorted(nm[idx.unit(u)])) for u in range(idx.n_units))
+    assert as_names(index, names) == as_names(permuted, names[perm])
+    assert index.unit_sizes.max() <= 120
+
+
+def test_stable_keys_depend_on_seed_and_name_only():
+    names = _names(50)
+    np.testing.assert_array_equal(stable_cell_keys(names, 3), stable_cell_keys(names, 3))
+    assert not np.array_equal(stable_cell_keys(names, 3), stable_cell_keys(names, 4))
+    np.testing.assert_array_equal(stable_cell_keys(names[::-1], 3), stable_cell_keys(names, 3)[::-1])
+
+
+def test_restrict_and_units_containing():
+    index = build_tissue_index(np.array([0, 0, 1, 1, 1, 2]), _names(6), None, 10)
+    sub = index.restrict(np.array([1, 4]))
+    assert sub.n_units == 2
+    assert [sub.unit(u).tolist() for u in range(2)] == [[1], [4]]
+    np.testing.assert_array_equal(index.units_containing(np.array([4, 0])), [0, 1])
+
+
+def test_pack_units_rejects_oversized_unit():
+    with pytest.raises(ValueError, match="does not fit a minibatch of 5 cells"):
+        pack_units(np.arange(2), np.array([3, 7]), 5)
+
+
+def test_split_is_by_tissue_and_single_tissue_is_split_by_tiles():
+    codes = np.repeat(np.arange(10), 20)
+    index = build_tissue_index(codes, _names(200), None, 100)
+    train, val, test = split_units(index, None, _names(200), 0.9, 0.1, seed=0)
+    assert len(test) == 0 and len(val) == 20
+    assert set(codes[val]).isdisjoint(codes[train])
+    single = build_tissue_index(np.zeros(300, int), _names(300), None, 4000)
+    coords = np.random.default_rng(0).uniform(size=(300, 2))
+    train, val, _ = split_units(single, coords, _names(300), 0.9, 0.1, seed=0)
+    assert len(val) == 30 and len(train) == 270
+    low, high = coords[val].min(0), coords[val].max(0)
+    inside = ((coords[train] > low) & (coords[train] < high)).all(1)
+    assert not inside.any()  # the validation cells form one spatial tile
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=40),
+    extra=st.integers(0, 100),
+    seed=st.integers(0, 1000),
+    epoch=st.integers(0, 5),
+)
+def test_sampler_yields_each_unit_once_within_budget(sizes, extra, seed, epoch):
+    sizes = np.array(sizes)
+    budget = int(sizes.max()) + extra
+    sampler = TissuePackingSampler(sizes, budget, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    flat = [u for b in batches for u in b]
+    assert sorted(flat) == list(range(len(sizes)))
+    assert all(sizes[b].sum() <= budget for b in batches)
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 30), min_size=2, max_size=30), n_replicas=st.integers(2, 4))
+def test_shards_are_disjoint_balanced_and_cover_all(sizes, n_replicas):
+    sizes = np.array(sizes)
+    order = np.random.default_rng(0).permutation(len(sizes))
+    shards = shard_units(order, sizes, n_replicas)
+    flat = np.concatenate(shards)
+    assert sorted(flat.tolist()) == list(range(len(sizes)))
+    loads = [sizes[s].sum() for s in shards]
+    assert max(loads) - min(loads) <= sizes.max()  # LPT bound
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 400), max_cells=st.integers(1, 120), seed=st.integers(0, 50))
+def test_tiles_are_contiguous_and_bounded(n, max_cells, seed):
+    coords = np.random.default_rng(seed).normal(size=(n, 2))
+    keys = stable_cell_keys(_names(n), seed)
+    tiles = spatial_tiles(coords, keys, max_cells)
+    assert max(len(t) for t in tiles) <= max_cells
+    assert sorted(np.concatenate(tiles).tolist()) == list(range(n))
+    if len(tiles) <= 12:
+        assert _tiles_are_separable(coords, tiles)
+
+
+def test_random_chunks_nearly_equal():
+    chunks = random_chunks(stable_cell_keys(_names(1001), 0), 100)
+    assert len(chunks) == 11
+    assert {len(c) for c in chunks} <= {91, 90}

@@ -1,0 +1,154 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from scvi.distributions import NegativeBinomial
+
+from cellplm_scvi import CellPLMModule
+from cellplm_scvi._constants import BATCH_KEYS as K
+from cellplm_scvi.module._module import dense_counts
+
+SMALL = {
+    "n_hidden": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_latent": 4,
+    "n_components": 3,
+    "n_decoder_hidden": 16,
+}
+
+
+def make_batch(sizes=(8, 12), n_genes=10, seed=0, measured=None):
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    counts = sp.csr_matrix(rng.poisson(2.0, size=(n, n_genes)).astype(np.float32))
+    batch = np.repeat(np.arange(len(sizes)), sizes)
+    if measured is None:
+        measured = np.ones((len(sizes), n_genes), dtype=bool)
+    counts = sp.csr_matrix(counts.toarray() * measured[batch])
+    return {
+        K.OBS_INDEX: torch.arange(n),
+        K.X_INDPTR: torch.tensor(counts.indptr).long(),
+        K.X_INDICES: torch.tensor(counts.indices).long(),
+        K.X_DATA: torch.tensor(counts.data).float(),
+        K.BATCH: torch.tensor(batch).long(),
+        K.SEGMENT_PTR: torch.tensor(np.concatenate([[0], np.cumsum(sizes)])).long(),
+        K.COORDS: torch.rand(n, 2),
+        K.HAS_COORDS: torch.ones(n, dtype=torch.bool),
+        K.MEASURED: torch.tensor(measured),
+        K.MEASURED_ROW: torch.tensor(batch).long(),
+    }
+
+
+def test_masks_touch_measured_genes_only_and_count_cells_per_tissue():
+    measured = np.ones((2, 10), dtype=bool)
+    measured[0, :4] = False
+    measured[1, 7:] = False
+    tensors = make_batch(measured=measured)
+    module = CellPLMModule(10, 2, mask_gene_rate=0.9, **SMALL).train()
+    for _ in range(20):
+        cells, entries = module._mask(tensors)
+        assert cells[:8].sum() == 6 and cells[8:].sum() == 9  # int(0.75 * n) per tissue
+        per_cell_measured = tensors[K.MEASURED][tensors[K.MEASURED_ROW]]
+        assert not (entries & ~per_cell_measured).any()
+        assert not entries[~cells].any()
+    assert entries.sum() > 0
+
+
+def test_masked_entries_are_zero_in_the_input():
+    tensors = make_batch()
+    module = CellPLMModule(10, 2, **SMALL).train()
+    seen = {}
+    original = module.embedder.forward
+
+    def spy(indptr, indices, values):
+        seen["values"] = values
+        return original(indptr, indices, values)
+
+    module.embedder.forward = spy
+    torch.manual_seed(3)
+    out = module.inference(**module._get_inference_input(tensors))
+    rows = torch.repeat_interleave(torch.arange(20), tensors[K.X_INDPTR].diff())
+    masked = out["masked_entries"][rows, tensors[K.X_INDICES]]
+    assert masked.any()
+    assert torch.all(seen["values"][masked] == 0)
+    torch.testing.assert_close(seen["values"][~masked], tensors[K.X_DATA][~masked])
+
+
+def test_no_masking_and_deterministic_output_in_eval():
+    tensors = make_batch()
+    module = CellPLMModule(10, 2, **SMALL).eval()
+    a = module.inference(**module._get_inference_input(tensors))
+    b = module.inference(**module._get_inference_input(tensors))
+    assert a["masked_cells"] is None
+    torch.testing.assert_close(a["z"], b["z"])
+
+
+def test_loss_matches_the_documented_formula():
+    measured = np.ones((2, 10), dtype=bool)
+    measured[1, 5:] = False
+    tensors = make_batch(measured=measured)
+    module = CellPLMModule(10, 2, full_profile_weight=0.5, **SMALL).train()
+    torch.manual_seed(0)
+    inf, gen, loss = module(tensors, loss_kwargs={"kl_weight": 0.3})
+    x = dense_counts(tensors, 10)
+    meas = tensors[K.MEASURED][tensors[K.MEASURED_ROW]]
+    logits = gen["px_logits"].masked_fill(~meas, -torch.inf)
+    mu = x.sum(-1, keepdim=True) * torch.softmax(logits, -1)
+    nll = -NegativeBinomial(mu=mu, theta=module.log_dispersion.exp()).log_prob(x)
+    nll = torch.where(meas, nll, 0.0)
+    cells, entries = inf["masked_cells"], inf["masked_entries"]
+    rec = (nll * entries).sum(-1) + 0.5 * cells * (nll * meas).sum(-1)
+    kl = module.latent.kl(inf["latent"])
+    expected = rec.sum() / cells.sum() + 0.3 * (kl["kl_z"] + kl["kl_y"]).mean()
+    torch.testing.assert_close(loss.loss, expected)
+    torch.testing.assert_close(loss.reconstruction_loss["reconstruction_loss"], rec)
+    assert loss.n_obs_minibatch == 20
+
+
+def test_mse_likelihood_and_deterministic_latent():
+    tensors = make_batch()
+    module = CellPLMModule(10, 2, likelihood="mse", latent="none", **SMALL).eval()
+    _, gen, loss = module(tensors)
+    x = dense_counts(tensors, 10)
+    target = torch.log1p(x / x.sum(-1, keepdim=True) * 1e4)
+    torch.testing.assert_close(
+        loss.reconstruction_loss["reconstruction_loss"], (gen["px_logits"] - target).square().sum(-1)
+    )
+    torch.testing.assert_close(loss.kl_local["kl_z"], torch.zeros(20))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"attention": "linear"}, "Unknown attention='linear'"),
+        ({"latent": "vq"}, "Unknown latent='vq'"),
+        ({"likelihood": "zinb"}, "Unknown likelihood='zinb'"),
+        ({"n_hidden": 0}, "n_hidden must be a positive integer"),
+        ({"n_hidden": 18}, "divisible by 4"),
+        ({"dropout": 1.0}, r"dropout must lie in \[0, 1\)"),
+        ({"mask_gene_rate": 1.5}, r"mask_gene_rate must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_module_arguments_raise_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CellPLMModule(10, 2, **{**SMALL, **kwargs})
+
+
+def test_positional_encoding_reaches_the_encoder_and_can_be_switched_off():
+    tensors = make_batch()
+    on = CellPLMModule(10, 2, **SMALL).eval()
+    moved = {**tensors, K.COORDS: tensors[K.COORDS].flip(0)}
+    z = on.inference(**on._get_inference_input(tensors))["z"]
+    assert not torch.allclose(z, on.inference(**on._get_inference_input(moved))["z"])
+    no_coords = {**tensors, K.HAS_COORDS: torch.zeros(20, dtype=torch.bool)}
+    moved_no_coords = {**moved, K.HAS_COORDS: torch.zeros(20, dtype=torch.bool)}
+    torch.testing.assert_close(
+        on.inference(**on._get_inference_input(no_coords))["z"],
+        on.inference(**on._get_inference_input(moved_no_coords))["z"],
+    )
+    off = CellPLMModule(10, 2, use_positional_encoding=False, **SMALL).eval()
+    torch.testing.assert_close(
+        off.inference(**off._get_inference_input(tensors))["z"],
+        off.inference(**off._get_inference_input(moved))["z"],
+    )

@@ -1,0 +1,163 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch.distributions import Normal, kl_divergence
+
+from cellplm_scvi.nn import (
+    CellEncoder,
+    FlowAttention,
+    GaussianMixtureLatent,
+    GeneBagEmbedder,
+    LatentOutput,
+    NormalLatent,
+    Sinusoidal2dEncoding,
+    SoftmaxAttention,
+)
+
+
+def naive_flow(attn: FlowAttention, x: torch.Tensor) -> torch.Tensor:
+    """Flow attention for ONE tissue, written directly from the formulas with dense matrices."""
+    n, eps = x.shape[0], attn.eps
+    q, k, v = attn.heads(x)
+    q, k = torch.sigmoid(q).transpose(0, 1), torch.sigmoid(k).transpose(0, 1)  # (H, n, d)
+    v = v.transpose(0, 1)
+    incoming = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
+    outgoing = 1.0 / torch.einsum("hnd,hd->hn", k + eps, q.sum(1) + eps)
+    conserved_sink = torch.einsum("hnd,hd->hn", q + eps, (k * outgoing[..., None]).sum(1) + eps)
+    conserved_source = torch.einsum("hnd,hd->hn", k + eps, (q * incoming[..., None]).sum(1) + eps).clamp(
+        -1, 1
+    )
+    allocation = torch.sigmoid(conserved_sink)
+    competition = torch.softmax(conserved_source, dim=-1) * n
+    scores = (q * incoming[..., None]) @ k.transpose(1, 2)  # (H, n, n), the explicit attention matrix
+    out = (scores @ (v * competition[..., None])) * allocation[..., None]
+    return attn.out(out.transpose(0, 1).reshape(n, -1))
+
+
+@pytest.fixture
+def packed():
+    torch.manual_seed(0)
+    sizes = [5, 9, 1, 7]
+    return torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
+
+
+def test_flow_attention_matches_naive_formula_per_tissue(packed):
+    x, ptr = packed
+    attn = FlowAttention(16, 4)
+    out = attn(x, ptr)
+    for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
+        torch.testing.assert_close(out[start:stop], naive_flow(attn, x[start:stop]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [FlowAttention, SoftmaxAttention])
+def test_packed_tissues_do_not_attend_to_each_other(cls, packed):
+    x, ptr = packed
+    attn = cls(16, 4)
+    out = attn(x, ptr)
+    for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
+        alone = attn(x[start:stop], torch.tensor([0, stop - start]))
+        torch.testing.assert_close(out[start:stop], alone, atol=1e-6, rtol=1e-5)
+    x2 = x.clone()
+    x2[5:14] += 3.0  # change tissue 1 only
+    out2 = attn(x2, ptr)
+    torch.testing.assert_close(out2[:5], out[:5])
+    torch.testing.assert_close(out2[14:], out[14:])
+    assert not torch.allclose(out2[5:14], out[5:14])
+
+
+def test_softmax_attention_equals_block_diagonal_mask(packed):
+    x, ptr = packed
+    attn = SoftmaxAttention(16, 4)
+    seg = torch.repeat_interleave(torch.arange(4), ptr.diff())
+    mask = seg[:, None] == seg[None, :]
+    q, k, v = (t.transpose(0, 1)[None] for t in attn.heads(x))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0].transpose(0, 1).reshape(len(x), -1)
+    torch.testing.assert_close(attn(x, ptr), attn.out(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_is_permutation_equivariant_within_tissue(packed):
+    x, ptr = packed
+    enc = CellEncoder(16, 2, 4, 0.0, "flow").eval()
+    perm = torch.cat([torch.randperm(5), 5 + torch.randperm(9), torch.tensor([14]), 15 + torch.randperm(7)])
+    torch.testing.assert_close(enc(x, ptr)[perm], enc(x[perm], ptr), atol=1e-5, rtol=1e-5)
+
+
+def test_gene_bag_embedder_equals_dense_log1p_matmul():
+    rng = np.random.default_rng(0)
+    counts = sp.random(
+        20, 30, density=0.2, random_state=0, format="csr", data_rvs=lambda n: rng.integers(1, 50, n)
+    )
+    counts[3] = 0  # an empty cell
+    counts = sp.csr_matrix(counts)
+    emb = GeneBagEmbedder(30, 8)
+    out = emb(
+        torch.tensor(counts.indptr).long(),
+        torch.tensor(counts.indices).long(),
+        torch.tensor(counts.data).float(),
+    )
+    expected = torch.log1p(torch.tensor(counts.toarray()).float()) @ emb.genes.weight
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[3] == 0)
+
+
+def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows():
+    emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]))
+    out = emb(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([math.e - 1, 0.0]))
+    torch.testing.assert_close(out[0], emb.genes.weight[7])
+
+
+def test_positional_encoding_channels_and_placeholder():
+    pe = Sinusoidal2dEncoding(8, grid=100)
+    coords = torch.tensor([[0.5, 0.25], [0.1, 0.9]])
+    out = pe(coords, torch.tensor([True, False]))
+    bx = math.trunc((1.02 * 0.5 - 0.01) * 100)  # 50
+    by = math.trunc((1.02 * 0.25 - 0.01) * 100)  # 24
+    freqs = [1.0, 10000 ** (-2 / 4)]
+    expected = []
+    for b in (by, bx):  # first half: y, second half: x
+        for w in freqs:
+            expected += [math.sin(b * w), math.cos(b * w)]
+    torch.testing.assert_close(out[0], torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1], pe.missing.detach())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Sinusoidal2dEncoding(6)
+
+
+def test_gaussian_mixture_kl_is_analytic_expectation():
+    torch.manual_seed(0)
+    layer = GaussianMixtureLatent(6, 3, 4)
+    with torch.no_grad():
+        layer.component_log_scales.normal_(0, 0.3)
+        layer.component_logits.normal_()
+    mu, sigma = torch.randn(5, 3), torch.rand(5, 3) + 0.2
+    out = LatentOutput(Normal(mu, sigma), mu)
+    kl = layer.kl(out)
+    q_y = torch.softmax(layer.cluster_logits(mu), -1)
+    per_component = torch.stack(
+        [
+            kl_divergence(
+                Normal(mu, sigma), Normal(layer.component_means[k], layer.component_log_scales[k].exp())
+            ).sum(-1)
+            for k in range(4)
+        ],
+        dim=-1,
+    )
+    torch.testing.assert_close(kl["kl_z"], (q_y * per_component).sum(-1), atol=1e-5, rtol=1e-5)
+    p_y = torch.softmax(layer.component_logits, -1)
+    torch.testing.assert_close(kl["kl_y"], (q_y * (q_y.log() - p_y.log())).sum(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_latents_are_deterministic_in_eval_and_sampled_in_training():
+    layer = NormalLatent(6, 3)
+    h = torch.randn(4, 6)
+    layer.eval()
+    torch.testing.assert_close(layer(h).z, layer(h).z)
+    torch.testing.assert_close(layer(h).z, layer(h).qz.loc)
+    layer.train()
+    assert not torch.allclose(layer(h).z, layer(h).z)
+    kl = layer.kl(LatentOutput(Normal(torch.zeros(2, 3), torch.ones(2, 3)), torch.zeros(2, 3)))["kl_z"]
+    torch.testing.assert_close(kl, torch.zeros(2))
