@@ -86,14 +86,15 @@ def test_encoder_is_permutation_equivariant_within_tissue(packed):
     torch.testing.assert_close(enc(x, ptr)[perm], enc(x[perm], ptr), atol=1e-5, rtol=1e-5)
 
 
-def test_gene_bag_embedder_equals_dense_log1p_matmul():
+@pytest.mark.parametrize("dense_above", [0.0, 1.0])
+def test_gene_bag_embedder_equals_dense_log1p_matmul(dense_above):
     rng = np.random.default_rng(0)
     counts = sp.random(
         20, 30, density=0.2, random_state=0, format="csr", data_rvs=lambda n: rng.integers(1, 50, n)
     )
     counts[3] = 0  # an empty cell
     counts = sp.csr_matrix(counts)
-    emb = GeneBagEmbedder(30, 8)
+    emb = GeneBagEmbedder(30, 8, dense_above=dense_above)
     out = emb(
         torch.tensor(counts.indptr).long(),
         torch.tensor(counts.indices).long(),
@@ -104,8 +105,9 @@ def test_gene_bag_embedder_equals_dense_log1p_matmul():
     assert torch.all(out[3] == 0)
 
 
-def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows():
-    emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]))
+@pytest.mark.parametrize("dense_above", [0.0, 1.0])
+def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows(dense_above):
+    emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]), dense_above=dense_above)
     out = emb(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([math.e - 1, 0.0]))
     torch.testing.assert_close(out[0], emb.genes.weight[7])
 

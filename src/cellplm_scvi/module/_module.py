@@ -193,9 +193,11 @@ class CellPLMModule(BaseModuleClass):
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n_cells, device=device) - segment_ptr[:-1].repeat_interleave(lengths)
         masked_cells = rank < (lengths.double() * self.mask_cell_rate).long()[segment]
-        measured = tensors[BATCH_KEYS.MEASURED][measured_row]
-        masked_entries = (torch.rand(n_cells, self.n_input, device=device) < self.mask_gene_rate) & measured
-        return masked_cells, masked_entries & masked_cells[:, None]
+        chosen = masked_cells.nonzero().squeeze(1)
+        draws = torch.rand(chosen.numel(), self.n_input, device=device) < self.mask_gene_rate
+        masked_entries = torch.zeros(n_cells, self.n_input, dtype=torch.bool, device=device)
+        masked_entries[chosen] = draws & tensors[BATCH_KEYS.MEASURED][measured_row[chosen]]
+        return masked_cells, masked_entries
 
     # -------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
@@ -331,18 +333,18 @@ class CellPLMModule(BaseModuleClass):
         """
         x = dense_counts(tensors, self.n_input)
         measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
-        entry_loss = self._entry_loss(x, generative_outputs["px_logits"], measured)
         masked_cells, masked_entries = inference_outputs["masked_cells"], inference_outputs["masked_entries"]
         if masked_cells is None:
-            reconstruction = (entry_loss * measured).sum(-1)
-            n_scored = reconstruction.numel()
-        else:
-            weights = masked_entries.to(entry_loss.dtype)
-            weights = weights + self.full_profile_weight * (masked_cells[:, None] & measured).to(
-                entry_loss.dtype
+            scored = torch.arange(x.shape[0], device=x.device)
+            weights = measured.to(x.dtype)
+        else:  # only masked cells are scored; the others' loss is not computed at all
+            scored = masked_cells.nonzero().squeeze(1)
+            weights = masked_entries[scored].to(x.dtype) + self.full_profile_weight * measured[scored].to(
+                x.dtype
             )
-            reconstruction = (entry_loss * weights).sum(-1)
-            n_scored = int(masked_cells.sum().clamp(min=1))
+        entry_loss = self._entry_loss(x[scored], generative_outputs["px_logits"][scored], measured[scored])
+        reconstruction = x.new_zeros(x.shape[0]).index_put((scored,), (entry_loss * weights).sum(-1))
+        n_scored = max(scored.numel(), 1)
         latent: LatentOutput = inference_outputs["latent"]
         kl = self.latent.kl(latent)
         kl_total = sum(kl.values()) if kl else torch.zeros_like(reconstruction)

