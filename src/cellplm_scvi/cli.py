@@ -22,7 +22,7 @@ import numpy as np
 PROG = "cellplm-scvi"
 USAGE_ERROR = 2
 _RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # 0.1, 0.2, ..., 1.5
-_DEMO_EPOCHS = 10
+_DEMO_EPOCHS = 30
 _SCVI_UNS_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 
 
@@ -353,7 +353,7 @@ def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: a
     start = time.perf_counter()
     adata.obsm["X_cellplm"] = np.asarray(model.get_latent_representation(), dtype=np.float32)
     embed_seconds = time.perf_counter() - start
-    _step(f"[{name}] trained in {train_seconds:.1f} s, embedded in {embed_seconds:.1f} s; clustering")
+    _step(f"[{name}] trained in {train_seconds:.1f} s, embedded in {embed_seconds:.2f} s; clustering")
 
     sweep = _leiden_sweep(adata, "X_cellplm", args.seed)
     scores = {key: _score_sweep(sweep, adata.obs[key]) for key in label_keys}
