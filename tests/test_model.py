@@ -235,3 +235,25 @@ def test_mudata_setup_trains_and_embeds():
     assert z.shape == (120, 6) and np.isfinite(z).all()
     with pytest.raises(ValueError, match="modalities="):
         CellPLM.setup_mudata(mdata, rna_layer="counts")
+
+
+def test_early_stopping_and_load_without_data(tmp_path):
+    adata = make_tissues(n_cells=120)
+    setup(adata)
+    model = CellPLM(adata, max_cells_per_tissue=30, **SMALL)
+    model.train(
+        max_epochs=60,
+        max_cells_per_batch=60,
+        accelerator="cpu",
+        early_stopping=True,
+        early_stopping_patience=2,
+        early_stopping_min_delta=1e3,
+        enable_progress_bar=False,
+    )
+    assert len(model.history["elbo_train"]) == 3  # the huge min_delta stops it after patience + 1 epochs
+    model.save(tmp_path / "m")
+    loaded = CellPLM.load(tmp_path / "m")
+    assert loaded.adata is None and loaded.is_trained
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(adata.copy()), model.get_latent_representation(), **TOL
+    )
