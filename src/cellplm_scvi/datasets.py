@@ -97,7 +97,7 @@ def synthetic_spatial_tissue(
 
     The generative story, all drawn from one ``numpy.random.Generator`` seeded with ``seed``:
 
-    1. **Niches.** Each FOV is a square of side ``_FOV_SIDE_UM`` (1,000 um). It holds
+    1. **Niches.** Each FOV is a 1,000 x 1,000 square (micrometre-like units). It holds
        ``2 * n_niches`` niche centres, each labelled with a niche (every niche at least once per
        FOV); a cell belongs to the niche of its nearest centre (a Voronoi partition).
     2. **Cell types.** Each niche has its own cell-type composition (a Dirichlet draw with
