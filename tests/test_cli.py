@@ -154,6 +154,22 @@ def test_train_unknown_preset(capsys, tmp_path, small_h5ad):
     _assert_one_line_error(capsys, "Unknown preset 'cellplm-1t'", "cellplm-85m")
 
 
+@pytest.mark.parametrize(
+    ("accelerator", "fragment"),
+    [("bogus", "invalid accelerator name"), ("gpu", "No supported gpu backend found")],
+)
+def test_train_unavailable_accelerator(capsys, tmp_path, small_h5ad, accelerator, fragment):
+    import torch
+
+    if accelerator == "gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    model_dir = tmp_path / "m"
+    argv = ["train", str(small_h5ad), "--model-dir", str(model_dir), "--accelerator", accelerator]
+    assert cli.main(argv) == 2
+    _assert_one_line_error(capsys, f"cannot train with --accelerator {accelerator}", fragment)
+    assert not model_dir.exists()
+
+
 def test_train_refuses_non_empty_model_dir(capsys, tmp_path, small_h5ad):
     model_dir = tmp_path / "model"
     model_dir.mkdir()

@@ -212,11 +212,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"training ({'default' if args.epochs is None else args.epochs} epochs, accelerator={args.accelerator})"
     )
     start = time.perf_counter()
-    model.train(max_epochs=args.epochs, accelerator=args.accelerator)
+    _train(model, max_epochs=args.epochs, accelerator=args.accelerator)
     _step(f"trained in {time.perf_counter() - start:.1f} s")
     model.save(str(args.model_dir), overwrite=True)
     _step(f"saved the model to {args.model_dir}")
     return 0
+
+
+def _train(model, **kwargs) -> None:
+    """``model.train(**kwargs)``; an accelerator this machine lacks becomes a :class:`CLIError`."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    accelerator = kwargs.get("accelerator", "auto")
+    try:
+        model.train(**kwargs)
+    except MisconfigurationException as err:
+        raise CLIError(f"cannot train with --accelerator {accelerator}: {_message(err)}") from None
+    except ValueError as err:
+        if "accelerator" not in str(err):
+            raise
+        raise CLIError(f"cannot train with --accelerator {accelerator}: {_message(err)}") from None
 
 
 def _check_model_dir_free(model_dir: Path, overwrite: bool) -> None:
