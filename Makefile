@@ -16,6 +16,7 @@ PYTEST_ARGS ?= -q -ra --durations=10
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cellplm-scvi-installed
+LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 
 .PHONY: setup demo test lint docs clean
 
@@ -27,6 +28,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -e ".[test]"
+	@$(BIN)/python -c "import torch; print('installed torch', torch.__version__, 'CUDA ' + torch.version.cuda if torch.version.cuda else '(CPU build)')"
 	touch $@
 
 demo: $(STAMP)
@@ -39,12 +41,13 @@ test: $(STAMP)
 	exit $$rc
 
 lint: $(STAMP)
-	$(BIN)/pip install ruff
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/pip install -q ruff
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
+# CELLPLM_DOCS_OFFLINE=1 make docs builds without network access (no intersphinx links).
 docs: $(STAMP)
-	$(BIN)/pip install -e ".[docs]"
+	$(BIN)/pip install -q -e ".[docs]"
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
 
 clean:
