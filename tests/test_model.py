@@ -199,7 +199,7 @@ def test_bad_train_and_query_arguments(trained):
     fresh = make_tissues(n_cells=30)
     setup(fresh)
     other = CellPLM(fresh, latent="normal", **{k: v for k, v in SMALL.items() if k != "n_components"})
-    with pytest.raises(ValueError, match="Cluster probabilities need latent='gmm'"):
+    with pytest.raises(ValueError, match="Cluster probabilities need a mixture latent"):
         other.get_cluster_assignments()
     with pytest.raises(IndexError, match="indices must lie in"):
         model.get_latent_representation(indices=[adata.n_obs])
@@ -216,7 +216,7 @@ def test_preset_reproduces_the_released_sizes():
     m = model.module
     assert m.embedder.genes.embedding_dim == 1024 and len(m.encoder.layers) == 4 and m.n_latent == 512
     assert m.encoder.layers[0].attention.n_heads == 8 and m.latent.component_means.shape == (16, 512)
-    assert m.decoder.output.in_features == 1024
+    assert m.decoder.head.in_features == 1024
 
 
 def test_mudata_setup_trains_and_embeds():

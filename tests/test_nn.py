@@ -136,9 +136,9 @@ def test_gaussian_mixture_kl_is_analytic_expectation():
         layer.component_log_scales.normal_(0, 0.3)
         layer.component_logits.normal_()
     mu, sigma = torch.randn(5, 3), torch.rand(5, 3) + 0.2
-    out = LatentOutput(Normal(mu, sigma), mu)
+    out = LatentOutput(Normal(mu, sigma), mu, layer.classifier(mu))
     kl = layer.kl(out)
-    q_y = torch.softmax(layer.cluster_logits(mu), -1)
+    q_y = torch.softmax(layer.classifier(mu), -1)
     per_component = torch.stack(
         [
             kl_divergence(

@@ -392,15 +392,25 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
-        """``q(y|z)`` at the posterior mean: ``(len(indices), n_components)`` (``latent="gmm"`` only)."""
-        if self.module.latent_kind != "gmm":
+        """Mixture-component probabilities ``q(y|.)`` at inference: ``(len(indices), n_components)``.
+
+        Only for the mixture latents (``latent="gmm"`` or ``"gmvae"``).
+        """
+        if self.module.latent_kind not in ("gmm", "gmvae"):
             raise ValueError(
-                f"Cluster probabilities need latent='gmm'; this model has latent={self.module.latent_kind!r}."
+                f"Cluster probabilities need a mixture latent ('gmm' or 'gmvae'); this model has "
+                f"latent={self.module.latent_kind!r}."
             )
-        z = torch.as_tensor(
-            self.get_latent_representation(adata, indices, batch_size=batch_size), device=self.device
-        )
-        return self.module.cluster_probabilities(z).cpu().numpy()
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        indices = self._indices(adata, indices)
+        result = np.zeros((adata.n_obs, self.module.latent.n_components), dtype=np.float32)
+        for tensors in self._context_batches(adata, indices, batch_size):
+            logits = self.module.inference(**self.module._get_inference_input(tensors))[
+                "latent"
+            ].cluster_logits
+            result[tensors[BATCH_KEYS.OBS_INDEX].numpy()] = torch.softmax(logits, -1).cpu().numpy()
+        return result[indices]
 
     def get_cluster_assignments(
         self,

@@ -19,6 +19,7 @@ from cellplm_scvi.nn import (
     TokenProjection,
 )
 from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids
+from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
 from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
 
 LIKELIHOODS = ("nb", "mse")
@@ -87,8 +88,9 @@ class CellPLMModule(BaseModuleClass):
     n_components
         Mixture components ``K`` (``latent="gmm"``).
     latent
-        ``"gmm"`` (Gaussian-mixture prior), ``"normal"`` (standard normal prior) or ``"none"``
-        (deterministic autoencoder).
+        ``"gmm"`` (Gaussian-mixture prior of the paper), ``"gmvae"`` (the released ``20230926``
+        mixture layout), ``"normal"`` (standard normal prior) or ``"none"`` (deterministic
+        autoencoder).
     attention
         ``"flow"`` (Flowformer, linear in cells) or ``"softmax"`` (exact).
     likelihood
@@ -108,6 +110,13 @@ class CellPLMModule(BaseModuleClass):
         Weight of the masked cells' full-profile term in the reconstruction loss.
     use_positional_encoding
         Add the spatial encoding (off for ablations).
+    decoder_batch_injection, decoder_bottleneck, n_pretrained_datasets
+        Decoder layout (see :class:`~cellplm_scvi.nn.BatchAwareDecoder`); the released CellPLM
+        uses ``"hidden"``, 128 and a 484-row dataset table.
+    n_gene_table, gene_rows
+        With a pre-trained gene table of ``n_gene_table`` genes, the input genes are its rows
+        ``gene_rows`` (any subset, any order); the decoder predicts the whole table and the
+        likelihood reads the input genes' columns. ``None``: the table is the input genes.
     """
 
     def __init__(
@@ -119,7 +128,7 @@ class CellPLMModule(BaseModuleClass):
         n_heads: int = 4,
         n_latent: int = 32,
         n_components: int = 16,
-        latent: Literal["gmm", "normal", "none"] = "gmm",
+        latent: Literal["gmm", "gmvae", "normal", "none"] = "gmm",
         attention: Literal["flow", "softmax"] = "flow",
         likelihood: Literal["nb", "mse"] = "nb",
         n_decoder_hidden: int = 256,
@@ -129,6 +138,11 @@ class CellPLMModule(BaseModuleClass):
         mask_gene_rate: float = 0.25,
         full_profile_weight: float = 1.0,
         use_positional_encoding: bool = True,
+        decoder_batch_injection: Literal["latent", "hidden"] = "latent",
+        decoder_bottleneck: int | None = None,
+        n_pretrained_datasets: int = 0,
+        n_gene_table: int | None = None,
+        gene_rows: list[int] | None = None,
     ):
         super().__init__()
         _choose("latent", latent, LATENT_KINDS)
@@ -160,25 +174,42 @@ class CellPLMModule(BaseModuleClass):
         self.full_profile_weight = full_profile_weight
         self.use_positional_encoding = use_positional_encoding
 
-        self.embedder = GeneBagEmbedder(n_input, n_hidden)
+        n_table = n_input if n_gene_table is None else int(n_gene_table)
+        if gene_rows is not None and (
+            len(gene_rows) != n_input or min(gene_rows) < 0 or max(gene_rows) >= n_table
+        ):
+            raise ValueError(f"gene_rows must hold {n_input} rows of a {n_table}-gene table.")
+        rows = torch.arange(n_input) if gene_rows is None else torch.as_tensor(gene_rows, dtype=torch.long)
+        self.register_buffer("gene_rows", rows, persistent=False)
+        self.subset_genes = n_table != n_input or gene_rows is not None
+
+        self.embedder = GeneBagEmbedder(n_table, n_hidden, gene_rows=rows)
         self.positional_encoding = Sinusoidal2dEncoding(n_hidden) if use_positional_encoding else None
         self.projection = TokenProjection(n_hidden, dropout)
         self.encoder = CellEncoder(n_hidden, n_layers, n_heads, dropout, attention)
         self.pre_latent_norm = nn.LayerNorm(n_hidden)
         latent_cls = LATENT_KINDS[latent]
+        mixture = latent in ("gmm", "gmvae")
         self.latent = (
-            latent_cls(n_hidden, n_latent, n_components)
-            if latent == "gmm"
-            else latent_cls(n_hidden, n_latent)
+            latent_cls(n_hidden, n_latent, n_components) if mixture else latent_cls(n_hidden, n_latent)
         )
         self.decoder = BatchAwareDecoder(
-            n_latent, n_input, n_batch, n_decoder_hidden, n_decoder_layers, dropout
+            n_latent,
+            n_table,
+            n_batch,
+            n_decoder_hidden,
+            n_decoder_layers,
+            dropout,
+            batch_injection=decoder_batch_injection,
+            bottleneck=decoder_bottleneck,
+            n_datasets=n_pretrained_datasets,
+            logit_range=RELEASED_LOGIT_RANGE if decoder_batch_injection == "hidden" else None,
         )
-        self.log_dispersion = nn.Parameter(torch.zeros(n_input)) if likelihood == "nb" else None
+        self.log_dispersion = nn.Parameter(torch.zeros(n_table)) if likelihood == "nb" else None
 
     @property
     def latent_kind(self) -> str:
-        """``"gmm"``, ``"normal"`` or ``"none"``."""
+        """``"gmm"``, ``"gmvae"``, ``"normal"`` or ``"none"``."""
         return self.latent.kind
 
     # ---------------------------------------------------------------- masking
@@ -252,14 +283,6 @@ class CellPLMModule(BaseModuleClass):
             "masked_entries": masked_entries,
         }
 
-    def cluster_probabilities(self, z: torch.Tensor) -> torch.Tensor:
-        """``(N, L)`` → ``(N, K)`` ``q(y|z)``; only for the Gaussian-mixture latent."""
-        if self.latent_kind != "gmm":
-            raise ValueError(
-                f"Cluster probabilities need latent='gmm'; this model has latent={self.latent_kind!r}."
-            )
-        return F.softmax(self.latent.cluster_logits(z), dim=-1)
-
     # ------------------------------------------------------------- generative
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict, **kwargs
@@ -288,7 +311,13 @@ class CellPLMModule(BaseModuleClass):
         """
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
-        return {"px_logits": self.decoder(z, batch_index)}
+        logits = self.decoder(z, batch_index)
+        return {"px_logits": logits[..., self.gene_rows] if self.subset_genes else logits}
+
+    def dispersion(self) -> torch.Tensor:
+        """``(G,)`` negative-binomial inverse dispersion of the input genes, clamped to ``[1e-4, 1e4]``."""
+        theta = self.log_dispersion[self.gene_rows] if self.subset_genes else self.log_dispersion
+        return theta.exp().clamp(1e-4, 1e4)
 
     def normalized_expression(self, px_logits: torch.Tensor) -> torch.Tensor:
         """``(..., N, G)`` expression per unit library (rows sum to 1)."""
@@ -304,7 +333,7 @@ class CellPLMModule(BaseModuleClass):
         if self.likelihood == "nb":
             log_rho = F.log_softmax(px_logits.masked_fill(~measured, float("-inf")), dim=-1)
             mu = library * log_rho.exp()
-            nll = -NegativeBinomial(mu=mu, theta=self.log_dispersion.exp()).log_prob(x)
+            nll = -NegativeBinomial(mu=mu, theta=self.dispersion()).log_prob(x)
             return nll.masked_fill(~measured, 0.0)
         target = torch.log1p(x / library.clamp(min=1.0) * 1e4)
         return (px_logits - target).square()
@@ -371,7 +400,7 @@ class CellPLMModule(BaseModuleClass):
         )
         library = dense_counts(tensors, self.n_input).sum(-1, keepdim=True).to(self.device)
         mu = library * self.normalized_expression(generative_outputs["px_logits"])
-        counts = NegativeBinomial(mu=mu, theta=self.log_dispersion.exp()).sample()
+        counts = NegativeBinomial(mu=mu, theta=self.dispersion()).sample()
         if n_samples > 1:
             counts = counts.permute(1, 2, 0)
         return counts.cpu()

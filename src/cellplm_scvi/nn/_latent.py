@@ -24,10 +24,16 @@ class LatentOutput:
         ``q(z|x)`` with ``(N, L)`` loc and scale, or ``None`` for the deterministic layer.
     z
         ``(N, L)`` sample in training, the mean otherwise (or ``(S, N, L)`` for ``S`` samples).
+    cluster_logits
+        ``(N, K)`` logits of the mixture component, for mixture latents.
+    prior
+        ``p(z|y)`` for the released mixture layout.
     """
 
     qz: Normal | None
     z: torch.Tensor
+    cluster_logits: torch.Tensor | None = None
+    prior: Normal | None = None
 
 
 class _GaussianPosterior(nn.Module):
@@ -77,6 +83,7 @@ class GaussianMixtureLatent(_GaussianPosterior):
 
     def __init__(self, n_hidden: int, n_latent: int, n_components: int):
         super().__init__(n_hidden, n_latent)
+        self.n_components = n_components
         self.classifier = nn.Sequential(
             nn.Linear(n_latent, n_latent), nn.ReLU(), nn.Linear(n_latent, n_components)
         )
@@ -84,14 +91,15 @@ class GaussianMixtureLatent(_GaussianPosterior):
         self.component_log_scales = nn.Parameter(torch.zeros(n_components, n_latent))
         self.component_logits = nn.Parameter(torch.zeros(n_components))
 
-    def cluster_logits(self, z: torch.Tensor) -> torch.Tensor:
-        """``(N, L)`` → ``(N, K)`` logits of ``q(y|z)``."""
-        return self.classifier(z)
+    def forward(self, h: torch.Tensor, n_samples: int = 1) -> LatentOutput:
+        out = super().forward(h, n_samples)
+        out.cluster_logits = self.classifier(out.z)
+        return out
 
     def kl(self, out: LatentOutput) -> dict[str, torch.Tensor]:
         """Per-cell ``{"kl_z": L_cond, "kl_y": L_Y}``, each ``(N,)``."""
         mu, sigma = out.qz.loc, out.qz.scale
-        log_q_y = F.log_softmax(self.cluster_logits(out.z), dim=-1)  # (N, K)
+        log_q_y = F.log_softmax(out.cluster_logits, dim=-1)  # (N, K)
         # KL(N(mu, sigma) || N(m_k, s_k)) summed over L, for all (cell, k) pairs with matmuls only.
         inv_var = torch.exp(-2.0 * self.component_log_scales)  # (K, L)
         quadratic = (
@@ -111,6 +119,62 @@ class GaussianMixtureLatent(_GaussianPosterior):
             "kl_z": (q_y * kl_components).sum(-1),
             "kl_y": (q_y * (log_q_y - log_p_y)).sum(-1),
         }
+
+
+class ReleasedGaussianMixtureLatent(nn.Module):
+    """The released CellPLM ``20230926`` mixture layout: ``q(y|h)`` first, then ``q(z|h, y)``.
+
+    ``q(y|h) = softmax(Linear(h))``; ``y`` is a one-hot of its argmax at inference (the released
+    code adds Gumbel noise there, which makes embeddings random; we do not) and a Gumbel-softmax
+    sample (temperature 1) in training. ``q(z|h,y) = N(mu, var)`` from
+    ``Linear(D+K → 512) → ReLU`` then ``mu = Linear``, ``var = softplus(Linear)``; prior
+    ``p(z|y) = N(Linear(y), softplus(Linear(y)))``. Per cell, ``kl_z = KL(q(z|h,y) || p(z|y))``
+    (analytic) and ``kl_y = KL(q(y|h) || Uniform(K))``, with no free-bits floor.
+
+    Parameters
+    ----------
+    n_hidden
+        Input width ``D``.
+    n_latent
+        Latent width ``L``.
+    n_components
+        Mixture components ``K``.
+    n_inner
+        Width of the ``q(z|h,y)`` hidden layer (512 in the release).
+    """
+
+    kind = "gmvae"
+
+    def __init__(self, n_hidden: int, n_latent: int, n_components: int, n_inner: int = 512):
+        super().__init__()
+        self.n_components = n_components
+        self.cluster = nn.Linear(n_hidden, n_components)
+        self.inner = nn.Linear(n_hidden + n_components, n_inner)
+        self.mean = nn.Linear(n_inner, n_latent)
+        self.var = nn.Linear(n_inner, n_latent)
+        self.prior_mean = nn.Linear(n_components, n_latent)
+        self.prior_var = nn.Linear(n_components, n_latent)
+
+    def forward(self, h: torch.Tensor, n_samples: int = 1) -> LatentOutput:
+        logits = self.cluster(h)
+        if self.training:
+            y = F.gumbel_softmax(logits, tau=1.0, hard=False)
+        else:
+            y = F.one_hot(logits.argmax(-1), self.n_components).to(h.dtype)
+        inner = F.relu(self.inner(torch.cat((h, y), dim=-1)))
+        qz = Normal(self.mean(inner), torch.sqrt(F.softplus(self.var(inner)) + 1e-10))
+        if self.training:
+            z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+        else:
+            z = qz.loc if n_samples == 1 else qz.loc.expand(n_samples, *qz.loc.shape)
+        prior = Normal(self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8))
+        return LatentOutput(qz, z, logits, prior)
+
+    def kl(self, out: LatentOutput) -> dict[str, torch.Tensor]:
+        """Per-cell ``{"kl_z", "kl_y"}``, each ``(N,)``."""
+        log_q_y = F.log_softmax(out.cluster_logits, dim=-1)
+        kl_y = (log_q_y.exp() * log_q_y).sum(-1) + torch.log(torch.tensor(float(self.n_components)))
+        return {"kl_z": torch.distributions.kl_divergence(out.qz, out.prior).sum(-1), "kl_y": kl_y}
 
 
 class NormalLatent(_GaussianPosterior):
@@ -158,6 +222,18 @@ class DeterministicLatent(nn.Module):
         return {}
 
 
-LATENT_KINDS = {"gmm": GaussianMixtureLatent, "normal": NormalLatent, "none": DeterministicLatent}
+LATENT_KINDS = {
+    "gmm": GaussianMixtureLatent,
+    "gmvae": ReleasedGaussianMixtureLatent,
+    "normal": NormalLatent,
+    "none": DeterministicLatent,
+}
 
-__all__ = ["LATENT_KINDS", "DeterministicLatent", "GaussianMixtureLatent", "LatentOutput", "NormalLatent"]
+__all__ = [
+    "LATENT_KINDS",
+    "DeterministicLatent",
+    "GaussianMixtureLatent",
+    "LatentOutput",
+    "NormalLatent",
+    "ReleasedGaussianMixtureLatent",
+]
