@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from cellplm_scvi.data import TissueDataLoader, TissueDataSplitter, tissue_data
 from cellplm_scvi.data._loaders import DEFAULT_MAX_CELLS_PER_BATCH, DEFAULT_MAX_CELLS_PER_TISSUE
 from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._module import dense_counts
+from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
 from ._presets import resolve_preset
 from ._validation import check_counts, check_layer, check_obs_key, check_spatial
@@ -210,6 +212,106 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata_manager.register_fields(mdata, **kwargs)
         cls.register_manager(adata_manager)
 
+    @classmethod
+    def from_cellplm_checkpoint(
+        cls,
+        adata: AnnData,
+        checkpoint: str | Path | tuple[str | Path, str | Path],
+        layer: str | None = None,
+        batch_key: str | None = None,
+        fov_key: str | None = None,
+        spatial_key: str | None = None,
+        labels_key: str | None = None,
+        gene_id_key: str | None = None,
+        pretrained_batch_ids: dict[str, int] | None = None,
+        pretrained_dataset_id: int | None = None,
+        use_positional_encoding: bool = False,
+        strict: bool = True,
+        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+    ) -> CellPLM:
+        """A model holding the weights of a published CellPLM checkpoint (``20230926_85M`` or ``20231027_85M``).
+
+        The layout (Gaussian-mixture or plain Gaussian latent) is read from the weights. Genes are
+        matched to the checkpoint's gene list by Ensembl ID; genes outside it are left out with a
+        warning, and the model is bound to ``adata`` restricted to the matched genes (a copy, in
+        ``model.adata``; its cells are in the order of ``adata``). The model is ready for zero-shot
+        :meth:`get_latent_representation` and can be fine-tuned with :meth:`train`.
+
+        The published weights were trained with the positional encoding switched off (the original
+        code adds zero instead of it), so it is off here by default; switch it on only to
+        fine-tune with coordinates.
+
+        Batches: the checkpoint's decoder has one embedding row per pre-training batch. Each batch
+        of ``adata`` gets its own row, initialised from ``pretrained_batch_ids[category]`` when
+        given and otherwise from the mean of all pre-trained rows (the original code adds the
+        *sum* of all rows when it has no batch id). The dataset covariate likewise uses row
+        ``pretrained_dataset_id`` or the mean row.
+
+        Parameters
+        ----------
+        adata
+            Raw counts with human Ensembl gene IDs.
+        checkpoint
+            Prefix (``.../20231027_85M``) of ``{prefix}.config.json`` and ``{prefix}.best.ckpt``,
+            or the two paths.
+        layer, batch_key, fov_key, spatial_key, labels_key
+            As in :meth:`setup_anndata`.
+        gene_id_key
+            ``adata.var`` column with Ensembl IDs (default: ``var_names``).
+        pretrained_batch_ids
+            Batch category → row of the released batch table.
+        pretrained_dataset_id
+            Row of the released dataset table.
+        use_positional_encoding
+            Add the spatial encoding (default off, as in pre-training).
+        strict
+            Raise when any checkpoint tensor is missing or unexpected (otherwise warn).
+        max_cells_per_tissue
+            Context limit (the release used 4,000).
+
+        Returns
+        -------
+        The model; ``model.checkpoint_report_`` lists what was loaded.
+        """
+        released = read_checkpoint(checkpoint)
+        kept, rows = align_genes(adata, released.gene_list, gene_id_key)
+        data = adata[:, kept].copy()
+        cls.setup_anndata(
+            data,
+            layer=layer,
+            batch_key=batch_key,
+            fov_key=fov_key,
+            spatial_key=spatial_key,
+            labels_key=labels_key,
+        )
+        model = cls(
+            data,
+            max_cells_per_tissue=max_cells_per_tissue,
+            **module_kwargs(released, rows, use_positional_encoding),
+        )
+        categories = model.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
+        n_released = released.config.get("batch_num", 0)
+        ids = pretrained_batch_ids or {}
+        unknown = set(ids) - set(map(str, categories))
+        if unknown:
+            raise KeyError(f"pretrained_batch_ids names batches that are not in adata: {sorted(unknown)}.")
+        if any(not 0 <= int(v) < n_released for v in ids.values()):
+            raise ValueError(
+                f"pretrained_batch_ids must be rows of the released batch table, in [0, {n_released})."
+            )
+        batch_rows = [ids.get(str(c)) for c in categories]
+        report = load_released_weights(model.module, released, batch_rows, pretrained_dataset_id)
+        if report.missing or report.unexpected:
+            if strict:
+                raise ValueError(f"The checkpoint does not match the released architecture: {report}")
+            warnings.warn(
+                f"Partial checkpoint load: {report}", UserWarning, stacklevel=settings.warnings_stacklevel
+            )
+        logger.info(f"Loaded CellPLM checkpoint ({released.layout} latent): {report}")
+        model.checkpoint_report_ = str(report)
+        model.is_trained_ = True
+        return model
+
     # ----------------------------------------------------------------- training
     def train(
         self,
@@ -310,7 +412,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def _context_batches(
         self, adata, indices, batch_size, silent: bool = True
     ) -> Iterator[dict[str, torch.Tensor]]:
-        """Minibatches holding every requested cell with its whole unit as context."""
+        """Minibatches holding every requested cell with its whole unit as context (module in eval mode)."""
+        self.module.eval()
         manager = self.get_anndata_manager(adata, required=True)
         index = tissue_data(manager, self.max_cells_per_tissue).index
         context = np.sort(index.cells_of_units(index.units_containing(indices)))
