@@ -115,7 +115,7 @@ def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows(dense_above):
 def test_positional_encoding_channels_and_placeholder():
     pe = Sinusoidal2dEncoding(8, grid=100)
     coords = torch.tensor([[0.5, 0.25], [0.1, 0.9]])
-    out = pe(coords, torch.tensor([True, False]))
+    out = pe(coords, torch.tensor([True, False]), torch.tensor([[2.0], [3.0]]))
     bx = math.trunc((1.02 * 0.5 - 0.01) * 100)  # 50
     by = math.trunc((1.02 * 0.25 - 0.01) * 100)  # 24
     freqs = [1.0, 10000 ** (-2 / 4)]
@@ -123,7 +123,9 @@ def test_positional_encoding_channels_and_placeholder():
     for b in (by, bx):  # first half: y, second half: x
         for w in freqs:
             expected += [math.sin(b * w), math.cos(b * w)]
-    torch.testing.assert_close(out[0], torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        out[0], torch.tensor(expected) * 0.1 * 2.0, atol=1e-6, rtol=1e-6
+    )  # gain * size
     torch.testing.assert_close(out[1], pe.missing.detach())
     with pytest.raises(ValueError, match="divisible by 4"):
         Sinusoidal2dEncoding(6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager, fields
 from scvi.model._utils import _get_batch_code_from_category
@@ -27,6 +29,7 @@ from cellplm_scvi.module._module import dense_counts
 from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
 from ._presets import resolve_preset
+from ._training import CellPLMTrainingPlan, KeepBestWeights
 from ._validation import check_counts, check_layer, check_obs_key, check_spatial
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """
 
     _module_cls = CellPLMModule
+    _training_plan_cls = CellPLMTrainingPlan
     _data_splitter_cls = TissueDataSplitter
     _data_loader_cls = TissueDataLoader
 
@@ -325,11 +329,18 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         drop_cell_rate: float = 0.3,
         early_stopping: bool = False,
         n_epochs_kl_warmup: int | None = None,
+        checkpoint_dir: str | None = None,
         plan_kwargs: dict | None = None,
         datasplitter_kwargs: dict | None = None,
         **trainer_kwargs,
     ):
         """Train with scvi-tools' :class:`~scvi.train.TrainingPlan` and Lightning.
+
+        A NaN or infinite loss stops training with :class:`~cellplm_scvi.model.NonFiniteLossError`
+        before it corrupts the weights. ``Ctrl+C`` (``KeyboardInterrupt``) stops it and keeps the
+        weights of the best validation ELBO so far (the last finished epoch without validation).
+        With ``checkpoint_dir``, a Lightning checkpoint is written after every epoch
+        (``last.ckpt`` is the newest); pass ``ckpt_path=".../last.ckpt"`` to resume from it.
 
         Parameters
         ----------
@@ -352,6 +363,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         n_epochs_kl_warmup
             Epochs over which the KL weight grows from 0 to 1 (default: a quarter of
             ``max_epochs``).
+        checkpoint_dir
+            Folder for Lightning checkpoints (optimizer state included) to resume from.
         plan_kwargs
             More :class:`~scvi.train.TrainingPlan` arguments.
         datasplitter_kwargs
@@ -387,17 +400,46 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("log_every_n_steps", 1)
         if validation_size != 0 and train_size != 1.0:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            datasplitter_kwargs=datasplitter_kwargs,
-            **trainer_kwargs,
+        keep_best = KeepBestWeights()
+        trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), keep_best]
+        if checkpoint_dir is not None:
+            trainer_kwargs["callbacks"].append(
+                ModelCheckpoint(dirpath=checkpoint_dir, filename="{epoch}", save_last=True, every_n_epochs=1)
+            )
+            trainer_kwargs["enable_checkpointing"] = True
+        handler = signal.getsignal(signal.SIGINT)
+        try:
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                datasplitter_kwargs=datasplitter_kwargs,
+                **trainer_kwargs,
+            )
+        except (
+            KeyboardInterrupt,
+            SystemExit,
+        ):  # Lightning turns Ctrl+C into SystemExit(1) after shutting down
+            signal.signal(signal.SIGINT, handler)
+            self._keep_best_after_stop(keep_best, "Training was interrupted")
+        except Exception:
+            self._keep_best_after_stop(keep_best, "Training failed")
+            raise
+        finally:
+            self.module.eval()
+
+    def _keep_best_after_stop(self, keep_best: KeepBestWeights, what: str) -> None:
+        """After a stopped run, keep the best weights reached so far, so that the model stays usable."""
+        restored = keep_best.restore(self.module)
+        self.is_trained_ = restored or self.is_trained_
+        kept = (
+            f"keeping the weights of epoch {keep_best.best_epoch}." if restored else "no epoch had finished."
         )
+        warnings.warn(f"{what}; {kept}", UserWarning, stacklevel=settings.warnings_stacklevel + 1)
 
     # ------------------------------------------------------------ data loading
     def _make_data_loader(

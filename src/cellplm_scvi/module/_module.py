@@ -271,7 +271,8 @@ class CellPLMModule(BaseModuleClass):
             values = x_data.masked_fill(masked_entries[entry_rows(x_indptr), x_indices], 0.0)
         h = self.embedder(x_indptr, x_indices, values)
         if self.positional_encoding is not None:
-            h = h + self.positional_encoding(coords, has_coords)
+            token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()
+            h = h + self.positional_encoding(coords, has_coords, token_scale)
         h = self.projection(h)
         h = self.pre_latent_norm(self.encoder(h, segment_ptr))
         latent = self.latent(h, n_samples=n_samples)
