@@ -436,10 +436,9 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """After a stopped run, keep the best weights reached so far, so that the model stays usable."""
         restored = keep_best.restore(self.module)
         self.is_trained_ = restored or self.is_trained_
-        kept = (
-            f"keeping the weights of epoch {keep_best.best_epoch}." if restored else "no epoch had finished."
-        )
-        warnings.warn(f"{what}; {kept}", UserWarning, stacklevel=settings.warnings_stacklevel + 1)
+        if restored:
+            kept = f"{what}; keeping the weights of epoch {keep_best.best_epoch}."
+            warnings.warn(kept, UserWarning, stacklevel=settings.warnings_stacklevel + 1)
 
     # ------------------------------------------------------------ data loading
     def _make_data_loader(
