@@ -41,10 +41,7 @@ def model():
 def test_non_finite_loss_stops_with_epoch_and_step(model):
     with torch.no_grad():
         model.module.log_dispersion.fill_(float("nan"))
-    with (
-        pytest.raises(NonFiniteLossError, match=r"became nan at epoch 0, step 0 .*lower learning rate"),
-        pytest.warns(UserWarning, match="no epoch had finished"),
-    ):
+    with pytest.raises(NonFiniteLossError, match=r"became nan at epoch 0, step 0 .*lower learning rate"):
         model.train(max_epochs=3, **TRAIN)
     encoder = [p for name, p in model.module.named_parameters() if name != "log_dispersion"]
     assert all(torch.isfinite(p).all() for p in encoder)  # no update was made from the NaN loss
