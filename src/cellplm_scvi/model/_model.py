@@ -30,7 +30,7 @@ from cellplm_scvi.pretrained import align_genes, load_released_weights, module_k
 
 from ._presets import resolve_preset
 from ._training import CellPLMTrainingPlan, KeepBestWeights
-from ._validation import check_counts, check_layer, check_obs_key, check_spatial
+from ._validation import check_anndata, check_counts, check_layer, check_obs_key, check_spatial
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         %(param_labels_key)s
         """
         setup_method_args = cls._get_setup_method_args(**locals())
+        check_anndata(adata)
         check_layer(adata, layer)
         for key, argument in ((batch_key, "batch_key"), (fov_key, "fov_key"), (labels_key, "labels_key")):
             check_obs_key(adata, key, argument)

@@ -2,9 +2,33 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
+
+
+def check_anndata(adata: AnnData) -> None:
+    """Refuse views and duplicated gene names; warn about duplicated cell names."""
+    if adata.is_view:
+        raise ValueError(
+            "adata is a view of another AnnData; setup writes registry columns into it. Run "
+            "adata = adata.copy() first."
+        )
+    if adata.var_names.has_duplicates:
+        duplicated = adata.var_names[adata.var_names.duplicated()].unique()
+        raise ValueError(
+            f"{len(duplicated)} gene names occur more than once (e.g. {list(duplicated[:3])}); gene-level outputs "
+            "would be ambiguous. Run adata.var_names_make_unique() or drop the duplicates."
+        )
+    if adata.obs_names.has_duplicates:
+        warnings.warn(
+            "Cell names (adata.obs_names) are not unique; outputs indexed by cell name will repeat names. "
+            "Consider adata.obs_names_make_unique().",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:

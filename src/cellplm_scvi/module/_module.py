@@ -363,6 +363,9 @@ class CellPLMModule(BaseModuleClass):
         """
         x = dense_counts(tensors, self.n_input)
         measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
+        measured = measured | ~measured.any(
+            -1, keepdim=True
+        )  # a batch with no counts at all: score every gene
         masked_cells, masked_entries = inference_outputs["masked_cells"], inference_outputs["masked_entries"]
         if masked_cells is None:
             scored = torch.arange(x.shape[0], device=x.device)

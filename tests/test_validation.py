@@ -1,0 +1,199 @@
+"""Bad input stops early with one clear message; every supported input format gives the same result."""
+
+import subprocess
+import sys
+import textwrap
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+from conftest import make_tissues
+
+from cellplm_scvi import CellPLM
+
+SMALL = {
+    "n_hidden": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_latent": 4,
+    "n_components": 3,
+    "n_decoder_hidden": 16,
+}
+TRAIN = {"max_cells_per_batch": 100, "accelerator": "cpu", "enable_progress_bar": False}
+TOL = {"atol": 1e-5, "rtol": 1e-4}
+
+
+def train_small(adata, epochs=1, **setup):
+    CellPLM.setup_anndata(adata, **setup)
+    model = CellPLM(adata, max_cells_per_tissue=50, **SMALL)
+    model.train(max_epochs=epochs, **TRAIN)
+    return model
+
+
+@pytest.mark.parametrize(
+    ("mutate", "setup", "error", "message"),
+    [
+        (lambda a: None, {"layer": "raw"}, KeyError, r"layer='raw' is not in adata.layers"),
+        (lambda a: None, {"batch_key": "donor"}, KeyError, r"batch_key='donor' is not a column of adata.obs"),
+        (lambda a: None, {"fov_key": "field"}, KeyError, r"fov_key='field' is not a column"),
+        (lambda a: None, {"labels_key": "type"}, KeyError, r"labels_key='type' is not a column"),
+        (lambda a: None, {"spatial_key": "xy"}, KeyError, r"spatial_key='xy' is not in adata.obsm"),
+        (
+            lambda a: a.obsm.__setitem__("spatial", a.obsm["spatial"][:, :1]),
+            {"spatial_key": "spatial"},
+            ValueError,
+            r"must have shape \(n_obs, 2\)",
+        ),
+        (
+            lambda a: a.obsm.__setitem__("spatial", np.full((a.n_obs, 2), "a")),
+            {"spatial_key": "spatial"},
+            ValueError,
+            "must be numeric",
+        ),
+        (
+            lambda a: a.obsm["spatial"].__setitem__((3, 0), np.nan),
+            {"spatial_key": "spatial"},
+            ValueError,
+            r"NaN or infinite coordinates for 1 cells \(first: 'cell3'\)",
+        ),
+        (
+            lambda a: a.obs.__setitem__("sample", a.obs["sample"].where(np.arange(a.n_obs) != 5)),
+            {"batch_key": "sample"},
+            ValueError,
+            r"batch_key='sample' has 1 missing values",
+        ),
+        (lambda a: a.layers["counts"].data.__setitem__(0, -1.0), {}, ValueError, "negative values.*layer="),
+        (lambda a: a.layers["counts"].data.__setitem__(0, np.inf), {}, ValueError, "NaN or infinite values"),
+        (lambda a: a.layers["counts"].data.__setitem__(0, np.nan), {}, ValueError, "NaN or infinite values"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(mutate, setup, error, message):
+    adata = make_tissues(n_cells=60)
+    mutate(adata)
+    with pytest.raises(error, match=message):
+        CellPLM.setup_anndata(adata, **{"layer": "counts", **setup})
+
+
+def test_log_normalised_input_warns_with_the_ways_out():
+    adata = make_tissues(n_cells=60)
+    adata.X = sp.csr_matrix(np.log1p(adata.layers["counts"].toarray()))
+    with pytest.warns(UserWarning, match=r"non-integer values.*layer=.*likelihood='mse'"):
+        CellPLM.setup_anndata(adata)
+
+
+def test_views_and_duplicated_genes_are_refused_duplicated_cells_warned():
+    adata = make_tissues(n_cells=60)
+    with pytest.raises(ValueError, match=r"view of another AnnData.*adata.copy\(\)"):
+        CellPLM.setup_anndata(adata[:30], layer="counts")
+    adata.var_names = ["g0"] * 2 + list(adata.var_names[2:])
+    with pytest.raises(ValueError, match=r"1 gene names occur more than once.*var_names_make_unique"):
+        CellPLM.setup_anndata(adata, layer="counts")
+    adata = make_tissues(n_cells=60)
+    adata.obs_names = ["c"] * 60
+    with pytest.warns(UserWarning, match="Cell names .* are not unique"):
+        CellPLM.setup_anndata(adata, layer="counts")
+
+
+def test_degenerate_data_trains_to_finite_embeddings():
+    adata = make_tissues(n_cells=150)
+    counts = adata.layers["counts"].toarray()
+    counts[:, 0] = 0  # a gene that is zero everywhere
+    counts[7] = 0  # a cell with no counts
+    counts[adata.obs["sample"].to_numpy() == "s1"] = 0  # a whole batch without counts
+    adata.layers["counts"] = sp.csr_matrix(counts)
+    adata.obs["sample"] = adata.obs["sample"].astype(str)
+    adata.obs.loc[adata.obs_names[0], "sample"] = "alone"  # a tissue of one cell
+    model = train_small(
+        adata, epochs=2, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial"
+    )
+    assert np.isfinite(model.get_latent_representation()).all()
+    single = make_tissues(n_cells=60)[:, :1].copy()
+    assert np.isfinite(train_small(single, layer="counts").get_latent_representation()).all()
+
+
+def test_tissue_far_larger_than_the_context_is_tiled():
+    adata = make_tissues(n_cells=600, n_samples=1, n_fovs=1)
+    model = train_small(adata, layer="counts", spatial_key="spatial")
+    index = model.adata_manager.__dict__["_cellplm_tissue_data"][(50, 0)].index
+    assert index.n_units == 12 and index.unit_sizes.max() <= 50
+
+
+def test_every_matrix_format_gives_the_same_latents(tmp_path):
+    adata = make_tissues(n_cells=120)
+    adata.X = adata.layers["counts"].copy()
+    del adata.layers["counts"]
+    scvi.settings.seed = 0
+    model = train_small(adata, batch_key="sample", fov_key="fov", spatial_key="spatial")
+    reference = model.get_latent_representation()
+    dense = adata.X.toarray()
+    formats = {
+        "dense float32": dense.astype(np.float32),
+        "dense int64": dense.astype(np.int64),
+        "dense float64": dense.astype(np.float64),
+        "csc": sp.csc_matrix(dense),
+        "csr float64": sp.csr_matrix(dense.astype(np.float64)),
+    }
+    for name, matrix in formats.items():
+        other = adata.copy()
+        other.X = matrix
+        np.testing.assert_allclose(model.get_latent_representation(other), reference, **TOL, err_msg=name)
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    backed = ad.read_h5ad(tmp_path / "data.h5ad", backed="r")
+    np.testing.assert_allclose(model.get_latent_representation(backed), reference, **TOL, err_msg="backed")
+
+
+def test_other_genes_or_categories_after_training_are_refused():
+    adata = make_tissues(n_cells=90)
+    model = train_small(adata, layer="counts", batch_key="sample")
+    fewer = adata[:, :30].copy()
+    with pytest.raises(ValueError, match="[Nn]umber of vars|var_names|genes"):
+        model.get_latent_representation(fewer)
+    renamed = adata.copy()
+    renamed.obs["sample"] = pd.Categorical(np.where(renamed.obs["sample"] == "s0", "new", "s1"))
+    with pytest.raises(ValueError, match="new"):
+        model.get_latent_representation(renamed)
+
+
+def test_latents_do_not_depend_on_workers_or_budget():
+    adata = make_tissues(n_cells=120)
+    model = train_small(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    z = model.get_latent_representation()
+    np.testing.assert_allclose(model.get_latent_representation(batch_size=50), z, **TOL)
+    scvi.settings.dl_num_workers = 1
+    try:
+        np.testing.assert_allclose(model.get_latent_representation(), z, **TOL)
+    finally:
+        scvi.settings.dl_num_workers = 0
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, scvi, torch
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from conftest import make_tissues
+    from cellplm_scvi import CellPLM
+    scvi.settings.seed = 3
+    adata = make_tissues(n_cells=120)
+    CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    model = CellPLM(adata, max_cells_per_tissue=50, n_hidden=16, n_layers=1, n_heads=2, n_latent=4, n_components=3,
+                    n_decoder_hidden=16)
+    model.train(max_epochs=2, max_cells_per_batch=100, accelerator="cpu", enable_progress_bar=False)
+    np.save(sys.argv[1], model.get_latent_representation())
+    """
+)
+
+
+@pytest.mark.slow
+def test_same_seed_same_latents_across_processes(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT.format(tests=str(__import__("pathlib").Path(__file__).parent)))
+    outputs = []
+    for i in range(2):
+        out = tmp_path / f"z{i}.npy"
+        subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
+        outputs.append(np.load(out))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
