@@ -28,6 +28,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/pip install -e ".[test]"
+	# The reference CellPLM for the parity tests, without its heavy unused dependencies (tests skip without it).
+	-$(BIN)/pip install --no-deps "cellplm==0.1.0.post2" einops torchmetrics
 	@$(BIN)/python -c "import torch; print('installed torch', torch.__version__, 'CUDA ' + torch.version.cuda if torch.version.cuda else '(CPU build)')"
 	touch $@
 

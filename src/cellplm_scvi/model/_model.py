@@ -409,6 +409,10 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             )
             trainer_kwargs["enable_checkpointing"] = True
         handler = signal.getsignal(signal.SIGINT)
+        quiet = warnings.catch_warnings()
+        quiet.__enter__()
+        # Lightning cannot tell the cell count of a token set; scvi's plan logs metrics with the right one.
+        warnings.filterwarnings("ignore", message="Trying to infer the `batch_size`")
         try:
             return super().train(
                 max_epochs=max_epochs,
@@ -431,6 +435,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             self._keep_best_after_stop(keep_best, "Training failed")
             raise
         finally:
+            quiet.__exit__(None, None, None)
             self.module.eval()
 
     def _keep_best_after_stop(self, keep_best: KeepBestWeights, what: str) -> None:
