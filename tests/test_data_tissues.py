@@ -151,3 +151,65 @@ def test_random_chunks_nearly_equal():
     chunks = random_chunks(stable_cell_keys(_names(1001), 0), 100)
     assert len(chunks) == 11
     assert {len(c) for c in chunks} <= {91, 90}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tissue_sizes=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    max_cells=st.integers(5, 60),
+    extra=st.integers(0, 60),
+    spatial=st.booleans(),
+    seed=st.integers(0, 100),
+)
+def test_token_sets_cover_every_cell_once_within_budget(tissue_sizes, max_cells, extra, spatial, seed):
+    import scipy.sparse as sp
+    import torch
+
+    from cellplm_scvi._constants import BATCH_KEYS
+    from cellplm_scvi.data import TissueData, TokenSetDataset
+
+    rng = np.random.default_rng(seed)
+    codes = rng.permutation(np.repeat(np.arange(len(tissue_sizes)), tissue_sizes))
+    n = len(codes)
+    coords = rng.uniform(0, 10, size=(n, 2)) if spatial else None
+    index = build_tissue_index(codes, _names(n), coords, max_cells)
+    counts = sp.random(n, 7, density=0.4, random_state=seed, format="csr", dtype=np.float32)
+    data = TissueData(counts, np.zeros(n, np.int64), coords, np.ones((1, 7), bool), index)
+    dataset = TokenSetDataset(data, index)
+    budget = max_cells + extra
+    sampler = TissuePackingSampler(index.unit_sizes, budget, shuffle=True, seed=seed)
+    seen = []
+    for units in sampler:
+        batch = dataset[units]
+        cells = batch[BATCH_KEYS.OBS_INDEX].numpy()
+        ptr = batch[BATCH_KEYS.SEGMENT_PTR].numpy()
+        assert len(cells) <= budget and ptr[-1] == len(cells)
+        for start, stop in zip(ptr[:-1], ptr[1:], strict=True):  # a segment is one tissue (one unit)
+            assert len(set(codes[cells[start:stop]])) == 1
+        dense = np.zeros((len(cells), 7), np.float32)
+        rows = np.repeat(np.arange(len(cells)), np.diff(batch[BATCH_KEYS.X_INDPTR].numpy()))
+        dense[rows, batch[BATCH_KEYS.X_INDICES].numpy()] = batch[BATCH_KEYS.X_DATA].numpy()
+        np.testing.assert_array_equal(dense, counts[cells].toarray())
+        if spatial:
+            normalised = batch[BATCH_KEYS.COORDS].numpy()
+            assert normalised.min() >= -1e-6 and normalised.max() <= 1 + 1e-6
+        seen.append(cells)
+        assert isinstance(batch[BATCH_KEYS.HAS_COORDS], torch.Tensor)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(n))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=1, max_size=6), seed=st.integers(0, 100))
+def test_packed_tissues_never_share_attention(sizes, seed):
+    import torch
+
+    from cellplm_scvi.nn import CellEncoder
+
+    torch.manual_seed(seed)
+    encoder = CellEncoder(8, 2, 2, 0.0, "flow").eval()
+    x = torch.randn(sum(sizes), 8)
+    ptr = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
+    packed = encoder(x, ptr)
+    for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
+        alone = encoder(x[start:stop], torch.tensor([0, stop - start]))
+        torch.testing.assert_close(packed[start:stop], alone, atol=1e-5, rtol=1e-5)
