@@ -36,6 +36,13 @@ class LatentOutput:
     prior: Normal | None = None
 
 
+def draw(qz: Normal, sample: bool, n_samples: int = 1) -> torch.Tensor:
+    """``z`` from ``q(z|x)``: reparametrised samples when ``sample``, else the mean; ``(S, N, L)`` for ``S > 1``."""
+    if sample:
+        return qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
+    return qz.loc if n_samples == 1 else qz.loc.expand(n_samples, *qz.loc.shape)
+
+
 class _GaussianPosterior(nn.Module):
     """``q(z|x) = N(mean(h), scale(h)^2)`` with ``scale = sqrt(exp(clamp(logvar, -5, 5)) + 1e-4)``."""
 
@@ -50,10 +57,7 @@ class _GaussianPosterior(nn.Module):
 
     def forward(self, h: torch.Tensor, n_samples: int = 1) -> LatentOutput:
         qz = self.posterior(h)
-        if self.training:
-            z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
-        else:
-            z = qz.loc if n_samples == 1 else qz.loc.expand(n_samples, *qz.loc.shape)
+        z = draw(qz, self.training, n_samples)
         return LatentOutput(qz, z)
 
 
@@ -192,10 +196,7 @@ class ReleasedGaussianMixtureLatent(nn.Module):
             y = F.one_hot(logits.argmax(-1), self.n_components).to(h.dtype)
         inner = F.relu(self.inner(torch.cat((h, y), dim=-1)))
         qz = Normal(self.mean(inner), torch.sqrt(F.softplus(self.var(inner)) + 1e-10))
-        if self.training:
-            z = qz.rsample() if n_samples == 1 else qz.rsample((n_samples,))
-        else:
-            z = qz.loc if n_samples == 1 else qz.loc.expand(n_samples, *qz.loc.shape)
+        z = draw(qz, self.training, n_samples)
         prior = Normal(self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8))
         return LatentOutput(qz, z, logits, prior)
 
