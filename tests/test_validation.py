@@ -145,12 +145,15 @@ def test_every_matrix_format_gives_the_same_latents(tmp_path):
     np.testing.assert_allclose(model.get_latent_representation(backed), reference, **TOL, err_msg="backed")
 
 
-def test_other_genes_or_categories_after_training_are_refused():
+def test_other_genes_or_categories_after_training_are_refused(tmp_path):
     adata = make_tissues(n_cells=90)
     model = train_small(adata, layer="counts", batch_key="sample")
     fewer = adata[:, :30].copy()
     with pytest.raises(ValueError, match="[Nn]umber of vars|var_names|genes"):
         model.get_latent_representation(fewer)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match="Number of vars .* Expected: 40 Received: 30"):
+        CellPLM.load(tmp_path / "m", adata=fewer)
     renamed = adata.copy()
     renamed.obs["sample"] = pd.Categorical(np.where(renamed.obs["sample"] == "s0", "new", "s1"))
     with pytest.raises(ValueError, match="new"):
