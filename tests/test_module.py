@@ -6,7 +6,7 @@ from scvi.distributions import NegativeBinomial
 
 from cellplm_scvi import CellPLMModule
 from cellplm_scvi._constants import BATCH_KEYS as K
-from cellplm_scvi.module._module import dense_counts
+from cellplm_scvi.module._likelihood import dense_counts
 
 SMALL = {
     "n_hidden": 16,

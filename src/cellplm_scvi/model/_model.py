@@ -25,7 +25,7 @@ from cellplm_scvi._constants import BATCH_KEYS, CELLPLM_REGISTRY_KEYS
 from cellplm_scvi.data import TissueDataLoader, TissueDataSplitter, tissue_data
 from cellplm_scvi.data._loaders import DEFAULT_MAX_CELLS_PER_BATCH, DEFAULT_MAX_CELLS_PER_TISSUE
 from cellplm_scvi.module import CellPLMModule
-from cellplm_scvi.module._module import dense_counts
+from cellplm_scvi.module._likelihood import library_sizes
 from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
 from ._presets import resolve_preset
@@ -650,9 +650,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 ]
                 expression = expression + self.module.normalized_expression(logits)[..., genes] / len(codes)
             if library_size == "latent":
-                expression = expression * dense_counts(tensors, self.module.n_input).sum(-1, keepdim=True).to(
-                    z.device
-                )
+                expression = expression * library_sizes(tensors).to(z.device)
             else:
                 expression = expression * library_size
             result[:, tensors[BATCH_KEYS.OBS_INDEX].numpy()] = expression.cpu().numpy()

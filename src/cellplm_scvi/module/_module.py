@@ -22,6 +22,8 @@ from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids
 from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
 from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
 
+from ._likelihood import dense_counts, entry_rows, library_sizes, weighted_nb_nll
+
 LIKELIHOODS = ("nb", "mse")
 _INFERENCE_KEYS = (
     BATCH_KEYS.X_INDPTR,
@@ -39,22 +41,6 @@ def _choose(name: str, value: str, options) -> str:
     if value not in options:
         raise ValueError(f"Unknown {name}={value!r}; choose one of {sorted(options)}.")
     return value
-
-
-def dense_counts(tensors: dict[str, torch.Tensor], n_genes: int) -> torch.Tensor:
-    """``(N, G)`` dense counts of a minibatch from its CSR parts."""
-    indptr, data = tensors[BATCH_KEYS.X_INDPTR], tensors[BATCH_KEYS.X_DATA]
-    dense = data.new_zeros(indptr.numel() - 1, n_genes)
-    dense[entry_rows(indptr), tensors[BATCH_KEYS.X_INDICES]] = data
-    return dense
-
-
-def entry_rows(indptr: torch.Tensor) -> torch.Tensor:
-    """``(nnz,)`` row of each stored entry of a CSR matrix with row pointer ``indptr``."""
-    n_rows = indptr.numel() - 1
-    return torch.repeat_interleave(
-        torch.arange(n_rows, device=indptr.device), indptr.diff(), output_size=int(indptr[-1])
-    )
 
 
 class CellPLMModule(BaseModuleClass):
@@ -328,16 +314,21 @@ class CellPLMModule(BaseModuleClass):
         return expression / expression.sum(-1, keepdim=True).clamp(min=1e-12)
 
     # ------------------------------------------------------------------- loss
-    def _entry_loss(self, x: torch.Tensor, px_logits: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
-        """``(N, G)`` per-entry loss: NB negative log-likelihood or squared error."""
-        library = x.sum(-1, keepdim=True)
+    def _reconstruction(
+        self,
+        tensors: dict[str, torch.Tensor],
+        px_logits: torch.Tensor,
+        rows: torch.Tensor,
+        weights: torch.Tensor,
+        measured: torch.Tensor,
+    ) -> torch.Tensor:
+        """``(S,)`` weighted per-cell loss of the cells ``rows``: NB negative log-likelihood or squared error."""
+        library = library_sizes(tensors)[rows]
         if self.likelihood == "nb":
             log_rho = F.log_softmax(px_logits.masked_fill(~measured, float("-inf")), dim=-1)
-            mu = library * log_rho.exp()
-            nll = -NegativeBinomial(mu=mu, theta=self.dispersion()).log_prob(x)
-            return nll.masked_fill(~measured, 0.0)
-        target = torch.log1p(x / library.clamp(min=1.0) * 1e4)
-        return (px_logits - target).square()
+            return weighted_nb_nll(tensors, rows, library * log_rho.exp(), self.dispersion(), weights)
+        target = torch.log1p(dense_counts(tensors, self.n_input)[rows] / library.clamp(min=1.0) * 1e4)
+        return ((px_logits - target).square() * weights).sum(-1)
 
     def loss(
         self,
@@ -361,22 +352,21 @@ class CellPLMModule(BaseModuleClass):
         where ``n_scored`` is ``|M|`` in training and ``N`` in evaluation, and ``KL_i`` adds the
         latent layer's terms (``kl_z``, and ``kl_y`` for the mixture).
         """
-        x = dense_counts(tensors, self.n_input)
         measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
-        measured = measured | ~measured.any(
-            -1, keepdim=True
-        )  # a batch with no counts at all: score every gene
+        measured = measured | ~measured.any(-1, keepdim=True)  # a batch without any count: score every gene
         masked_cells, masked_entries = inference_outputs["masked_cells"], inference_outputs["masked_entries"]
+        n_cells = measured.shape[0]
         if masked_cells is None:
-            scored = torch.arange(x.shape[0], device=x.device)
-            weights = measured.to(x.dtype)
+            scored = torch.arange(n_cells, device=measured.device)
+            weights = measured.float()
         else:  # only masked cells are scored; the others' loss is not computed at all
             scored = masked_cells.nonzero().squeeze(1)
-            weights = masked_entries[scored].to(x.dtype) + self.full_profile_weight * measured[scored].to(
-                x.dtype
-            )
-        entry_loss = self._entry_loss(x[scored], generative_outputs["px_logits"][scored], measured[scored])
-        reconstruction = x.new_zeros(x.shape[0]).index_put((scored,), (entry_loss * weights).sum(-1))
+            weights = masked_entries[scored].float() + self.full_profile_weight * measured[scored].float()
+        px_logits = generative_outputs["px_logits"][scored]
+        scored_loss = self._reconstruction(
+            tensors, px_logits, scored, weights.to(px_logits.dtype), measured[scored]
+        )
+        reconstruction = px_logits.new_zeros(n_cells).index_put((scored,), scored_loss)
         n_scored = max(scored.numel(), 1)
         latent: LatentOutput = inference_outputs["latent"]
         kl = self.latent.kl(latent)
@@ -402,7 +392,7 @@ class CellPLMModule(BaseModuleClass):
             generative_kwargs=generative_kwargs,
             compute_loss=False,
         )
-        library = dense_counts(tensors, self.n_input).sum(-1, keepdim=True).to(self.device)
+        library = library_sizes(tensors).to(self.device)
         mu = library * self.normalized_expression(generative_outputs["px_logits"])
         counts = NegativeBinomial(mu=mu, theta=self.dispersion()).sample()
         if n_samples > 1:
