@@ -1,0 +1,341 @@
+"""Helpers shared by the speed benchmarks (embedding, training, scaling, hardware limit).
+
+* machine facts recorded with every result (CPU, cores, torch threads, versions, date, command
+  line, load average);
+* :func:`wait_for_quiet`: wait until the 1-minute load average is low before measuring, and
+  :func:`wait_for_idle_cpus`: before every single measurement, wait until no other process is
+  using the CPUs (on a shared 2-core machine another process halves the speed of a 2-thread run);
+* :class:`PeakMemory`: the peak resident memory of a code section, read from the kernel's
+  high-water mark (``VmHWM``), which is reset before the section (``/proc/self/clear_refs``);
+* :func:`run_worker`: run one measurement in a fresh Python process (so peak memory and
+  first-call costs are not shared between the systems compared);
+* :func:`synthetic_counts`: negative-binomial counts grouped into tissues;
+* :func:`write_results`: JSON of everything plus a markdown table beside it.
+
+Linux only (``/proc``). Time ratios are always measured in one run, alternating the systems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE_CONFIG = SHARED / "reference" / "cellplm_20230926_85M.config.json"
+DATA = SHARED / "data"
+RESULT_TAG = "BENCHMARK-RESULT "
+
+
+# ------------------------------------------------------------------ machine
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_mib() -> float:
+    """Current resident memory of this process, MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def hwm_mib() -> float:
+    """Peak resident memory of this process since start (or the last reset), MiB."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak() -> None:
+    """Reset the kernel's resident-memory high-water mark of this process to its current RSS."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+class PeakMemory:
+    """Peak resident memory of a ``with`` block above the RSS at its start.
+
+    Attributes after the block: ``baseline_mib`` (RSS at entry), ``peak_mib`` (high-water mark
+    during the block) and ``delta_mib`` (their difference).
+    """
+
+    def __enter__(self):
+        reset_peak()
+        self.baseline_mib = rss_mib()
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_mib = hwm_mib()
+        self.delta_mib = self.peak_mib - self.baseline_mib
+        return False
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What and when the numbers were measured on."""
+    import torch
+
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python " + " ".join(shlex.quote(a) for a in _relative_argv()),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    try:
+        import scvi
+
+        info["scvi_tools"] = scvi.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _relative_argv() -> list[str]:
+    """``sys.argv`` with the script path relative to the repository root."""
+    argv = list(sys.argv)
+    try:
+        argv[0] = str(Path(argv[0]).resolve().relative_to(Path(__file__).resolve().parents[1]))
+    except ValueError:
+        argv[0] = Path(argv[0]).name
+    return argv
+
+
+def wait_for_quiet(max_load: float = 1.0, timeout_s: float = 1200, poll_s: float = 20) -> dict:
+    """Wait until the 1-minute load average is below ``max_load`` (at most ``timeout_s``).
+
+    Returns what happened: the load when the wait ended, the seconds waited and whether the
+    machine was quiet. Measurement goes on after the timeout, with ``quiet`` False recorded.
+    """
+    start = time.monotonic()
+    while True:
+        load = os.getloadavg()[0]
+        waited = time.monotonic() - start
+        if load < max_load or waited >= timeout_s:
+            return {"load_1min": round(load, 2), "waited_s": round(waited), "quiet": load < max_load}
+        print(f"load average {load:.2f} >= {max_load}; waiting ({waited:.0f} s so far)", flush=True)
+        time.sleep(poll_s)
+
+
+def cpu_busy_fraction(window_s: float = 2.0) -> float:
+    """Share of all CPUs busy during the next ``window_s`` seconds (from ``/proc/stat``).
+
+    Unlike the load average it has no memory, so it tells whether *other* processes are using
+    the CPUs right now (call it while this process is idle).
+    """
+
+    def snapshot():
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields), idle
+
+    total0, idle0 = snapshot()
+    time.sleep(window_s)
+    total1, idle1 = snapshot()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_idle_cpus(max_busy: float = 0.15, timeout_s: float = 300, window_s: float = 2.0) -> dict:
+    """Wait (at most ``timeout_s``) until other processes use less than ``max_busy`` of the CPUs."""
+    start = time.monotonic()
+    while True:
+        busy = cpu_busy_fraction(window_s)
+        waited = time.monotonic() - start
+        if busy < max_busy or waited >= timeout_s:
+            return {"cpu_busy_before": round(busy, 3), "idle_wait_s": round(waited), "idle": busy < max_busy}
+
+
+# ------------------------------------------------------------------ workers
+#: gate applied around every worker (see :func:`run_worker`): wait until other processes use
+#: less than ``max_busy`` of the CPUs (at most ``timeout_s``), and measure again (up to
+#: ``attempts`` runs in all) when they used more than ``max_others_during`` while it ran
+IDLE_GATE = {"max_busy": 0.15, "timeout_s": 300.0, "max_others_during": 0.10, "attempts": 3}
+
+
+def set_threads(n: int | None) -> None:
+    """Use ``n`` torch threads here and in every worker started later (``OMP_NUM_THREADS``).
+
+    With fewer threads than CPUs, other processes may use the remaining CPUs without slowing
+    the measurement much, so the idle gate is relaxed to the free share (e.g. 1 thread of 2 CPUs:
+    others may use up to ~half the machine).
+    """
+    if not n:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)
+    free = max(0.0, (os.cpu_count() - n) / os.cpu_count())
+    IDLE_GATE["max_busy"] = max(0.15, free - 0.05)
+    IDLE_GATE["max_others_during"] = max(0.10, free + 0.05)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as handle:
+        fields = [int(v) for v in handle.readline().split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
+class OthersCpu:
+    """Share of all CPUs that processes *other than this one and its children* used in a block.
+
+    Busy CPU time of the whole machine (``/proc/stat``) minus this process's and its waited-for
+    children's CPU time (``getrusage``), over the block's total CPU time.
+    """
+
+    @staticmethod
+    def _own() -> float:
+        import resource
+
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            own += usage.ru_utime + usage.ru_stime
+        return own
+
+    def __enter__(self):
+        self._ticks, self._own0 = _cpu_ticks(), self._own()
+        return self
+
+    def __exit__(self, *exc):
+        total1, idle1 = _cpu_ticks()
+        total = max(total1 - self._ticks[0], 1)
+        busy = total - (idle1 - self._ticks[1])
+        hz = os.sysconf("SC_CLK_TCK")
+        own = (self._own() - self._own0) * hz
+        self.share = max(0.0, (busy - own) / total)
+        return False
+
+
+def run_worker(script: str | Path, task: dict, timeout_s: float = 900) -> dict:
+    """Run ``python script --worker '<json>'`` in a fresh process and return the dict it reports.
+
+    Before starting, waits until other processes leave the CPUs idle (:func:`wait_for_idle_cpus`
+    with :data:`IDLE_GATE`); what it saw is recorded in the result (``cpu_busy_before``,
+    ``idle_wait_s``), with the 1-minute load average after the run. The worker prints its result
+    as one line ``BENCHMARK-RESULT {json}`` (see :func:`report`).
+    """
+    attempts = []
+    for attempt in range(IDLE_GATE["attempts"]):
+        gate = wait_for_idle_cpus(IDLE_GATE["max_busy"], IDLE_GATE["timeout_s"])
+        command = [sys.executable, str(script), "--worker", json.dumps(task)]
+        with OthersCpu() as others:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        result = None
+        for line in done.stdout.splitlines()[::-1]:
+            if line.startswith(RESULT_TAG):
+                result = json.loads(line[len(RESULT_TAG) :])
+                break
+        if result is None:
+            break
+        result["load_1min_after"] = round(os.getloadavg()[0], 2)
+        result.update(gate)
+        result["others_cpu_share_during"] = round(others.share, 3)
+        attempts.append(others.share)
+        if others.share <= IDLE_GATE["max_others_during"]:
+            break
+        print(f"  other processes used {others.share:.0%} of the CPUs during the run; measuring again", flush=True)
+    if result is not None:
+        result["others_cpu_share_attempts"] = [round(a, 3) for a in attempts]
+        result["contended"] = attempts[-1] > IDLE_GATE["max_others_during"]
+        return result
+    raise RuntimeError(
+        f"worker failed (exit {done.returncode}) for task {task}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+
+
+def report(result: dict) -> None:
+    """Print a worker's result for :func:`run_worker`."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+# ------------------------------------------------------------------ data
+def reference_gene_list() -> list[str]:
+    """The 19,374 Ensembl IDs of the original checkpoint (row order of its gene table)."""
+    with open(REFERENCE_CONFIG) as handle:
+        return json.load(handle)["gene_list"]
+
+
+def synthetic_counts(
+    n_cells: int,
+    n_genes: int = 2000,
+    cells_per_tissue: int = 2000,
+    seed: int = 0,
+    gene_names: list[str] | None = None,
+    chunk: int = 10_000,
+):
+    """AnnData of negative-binomial counts (CSR float32, about 90 % zeros) in tissues.
+
+    Gene means are log-normal (``exp(N(-3.2, 1.6))``), five cell types shift them (log-fold
+    changes ``N(0, 0.8)``), library factors are ``exp(N(0, 0.3))`` and the dispersion is 1
+    (a gamma-Poisson mixture). ``obs["batch"]`` names the tissue (``t000``, ``t001``, ...),
+    ``obs["cell_type"]`` the type. Generated in row chunks, so 100,000 cells never need a dense
+    ``n_cells x n_genes`` matrix.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    base = rng.normal(-3.2, 1.6, n_genes)
+    shifts = rng.normal(0.0, 0.8, (5, n_genes))
+    types = rng.integers(0, 5, n_cells)
+    blocks = []
+    for start in range(0, n_cells, chunk):
+        stop = min(start + chunk, n_cells)
+        library = np.exp(rng.normal(0.0, 0.3, stop - start))[:, None]
+        mean = np.exp(base[None, :] + shifts[types[start:stop]]) * library
+        counts = rng.poisson(rng.gamma(1.0, mean)).astype(np.float32)
+        blocks.append(sp.csr_matrix(counts))
+    matrix = sp.vstack(blocks, format="csr")
+    names = gene_names[:n_genes] if gene_names is not None else [f"gene{i}" for i in range(n_genes)]
+    tissue = np.arange(n_cells) // cells_per_tissue
+    obs = pd.DataFrame(
+        {
+            "batch": pd.Categorical([f"t{t:03d}" for t in tissue]),
+            "cell_type": pd.Categorical([f"type{t}" for t in types]),
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    return ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=names))
+
+
+# ------------------------------------------------------------------ output
+def write_results(name: str, results: dict, table_rows: list[str]) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md``; print the table."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    path.with_suffix(".md").write_text("\n".join(table_rows) + "\n")
+    print("\n".join(table_rows))
+    print(f"wrote {path.relative_to(RESULTS.parents[1])} and .md")
+    return path

@@ -1,0 +1,160 @@
+"""How close the encoder forward comes to the machine's matrix-multiply speed (85M configuration).
+
+Run from the repository root::
+
+    python benchmarks/hardware_limit.py           # default: 4,000 cells, 5 alternating repeats (~1 min)
+    python benchmarks/hardware_limit.py --quick   # smoke run, < 1 min
+
+Measured in one process, alternating, ``--repeats`` times (medians):
+
+* the FLOP/s of one large ``torch.matmul`` (``--matmul-size`` square, float32; ``2 n^3`` FLOPs);
+* the FLOP/s of :class:`cellplm_scvi.nn.CellEncoder` at the released configuration (width
+  ``D = 1024``, 4 Flowformer layers, ``H = 8`` heads of ``d = D / H = 128``, feed-forward ``2D``) on
+  one tissue of ``--cells`` cells, eval mode, ``torch.inference_mode()``.
+
+FLOPs of the encoder, counted analytically (multiply-add = 2 FLOPs), per layer, for ``N`` cells:
+
+* query, key, value and output projections: ``4 * 2 N D^2``;
+* feed-forward ``D -> 2D -> D``: ``2 * 2 N D (2D) = 8 N D^2``;
+* Flowformer core per head: ``K^T (C V)`` is ``2 n d^2`` and ``(I Q) (K^T C V)`` another ``2 n d^2``,
+  so ``4 N D d`` over all heads;
+* element-wise work (sigmoid, flow sums and normalisers, LayerNorm, GELU, biases, residuals;
+  about ``40 N D`` FLOPs) is not counted (< 0.3 % of the total at D = 1024).
+
+Total ``L * (16 N D^2 + 4 N D d)``; at N = 4,000, D = 1,024, d = 128, L = 4 that is 2.77e11 FLOPs.
+The achieved fraction is encoder FLOP/s over matmul FLOP/s (target >= 0.70), both medians;
+each (matmul, encoder) pair starts only when no other process is using the CPUs, and the
+per-pair fractions are stored too. A profile of one
+encoder pass (time per operator kind) is stored with the result to show where the rest goes.
+
+Writes ``benchmarks/results/hardware_limit.{json,md}`` (``--quick``: ``hardware_limit_quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing as T  # noqa: E402
+
+
+def encoder_flops(n: int, d_model: int, n_layers: int, n_heads: int) -> float:
+    """Analytic FLOPs of one CellEncoder forward (see the module docstring)."""
+    head = d_model // n_heads
+    return n_layers * (16 * n * d_model**2 + 4 * n * d_model * head)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the FLOP count.")
+    parser.add_argument("--cells", type=int, default=4000, help="cells in the tissue (default 4000)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--max-wait", type=float, default=1200)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 cells, matmul 2048, 2 repeats")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells, args.matmul_size, args.repeats = 1000, 2048, 2
+    output = args.output or ("hardware_limit_quick" if args.quick else "hardware_limit")
+
+    import torch
+    from torch.profiler import profile
+
+    from cellplm_scvi.nn import CellEncoder
+
+    T.set_threads(args.threads)
+    quiet = T.wait_for_quiet(args.max_load, args.max_wait)
+    torch.manual_seed(0)
+    encoder = CellEncoder(args.hidden, args.layers, args.heads, 0.2, "flow").eval()
+    x = torch.randn(args.cells, args.hidden)
+    segment_ptr = torch.tensor([0, args.cells])
+    a = torch.randn(args.matmul_size, args.matmul_size)
+    b = torch.randn(args.matmul_size, args.matmul_size)
+    flops_encoder = encoder_flops(args.cells, args.hidden, args.layers, args.heads)
+    flops_matmul = 2.0 * args.matmul_size**3
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    matmul_s, encoder_s = [], []
+    with torch.inference_mode():
+        torch.matmul(a, b)  # warm-up
+        encoder(x, segment_ptr)
+        gates = []
+        for _ in range(args.repeats):
+            for attempt in range(T.IDLE_GATE["attempts"]):  # measure the pair again if disturbed
+                gate = T.wait_for_idle_cpus(T.IDLE_GATE["max_busy"], T.IDLE_GATE["timeout_s"])
+                with T.OthersCpu() as others:
+                    pair = (timed(lambda: torch.matmul(a, b)), timed(lambda: encoder(x, segment_ptr)))
+                gate["others_cpu_share_during"] = round(others.share, 3)
+                if others.share <= T.IDLE_GATE["max_others_during"]:
+                    break
+            gates.append(gate)
+            matmul_s.append(pair[0])
+            encoder_s.append(pair[1])
+        with profile() as prof:
+            encoder(x, segment_ptr)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    breakdown = {
+        e.key: {"share": round(e.self_cpu_time_total / total_us, 4), "ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+        for e in events[:12]
+    }
+    matmul_gflops = flops_matmul / T.median(matmul_s) / 1e9
+    encoder_gflops = flops_encoder / T.median(encoder_s) / 1e9
+    fraction = encoder_gflops / matmul_gflops
+    per_pair = [(flops_encoder / e) / (flops_matmul / m) for m, e in zip(matmul_s, encoder_s)]
+    results = {
+        "benchmark": "hardware_limit",
+        "machine": T.machine_info(),
+        "wait_for_quiet": quiet,
+        "idle_gate": dict(T.IDLE_GATE),
+        "config": {"cells": args.cells, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                   "feed_forward": 2 * args.hidden, "dtype": "float32"},
+        "encoder_flops": flops_encoder,
+        "matmul": {"size": args.matmul_size, "flops": flops_matmul, "seconds": [round(s, 4) for s in matmul_s],
+                   "gflops_per_s": round(matmul_gflops, 1)},
+        "encoder": {"seconds": [round(s, 4) for s in encoder_s], "gflops_per_s": round(encoder_gflops, 1),
+                    "cells_per_s": round(args.cells / T.median(encoder_s), 1)},
+        "fraction_of_matmul": round(fraction, 3),
+        "fraction_per_pair": [round(f, 3) for f in per_pair],
+        "fraction_median_of_pairs": round(T.median(per_pair), 3),
+        "idle_gates": gates,
+        "target": 0.70,
+        "met": fraction >= 0.70,
+        "profile_self_cpu": breakdown,
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],
+    }
+    info = results["machine"]
+    rows = [
+        f"Hardware limit (encoder D={args.hidden}, {args.layers} flow layers, {args.heads} heads, {args.cells:,} cells), "
+        f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}, "
+        f"load {quiet['load_1min']} at start; median of {args.repeats}.",
+        "",
+        "| matmul n | matmul GFLOP/s | encoder GFLOP/s | encoder cells/s | fraction of matmul | target |",
+        "|---:|---:|---:|---:|---:|---|",
+        f"| {args.matmul_size} | {matmul_gflops:.1f} | {encoder_gflops:.1f} | {results['encoder']['cells_per_s']:,.0f} | "
+        f"{fraction:.2f} | >= 0.70 ({'met' if fraction >= 0.70 else 'missed'}) |",
+        "",
+        "Top operators of one encoder pass (self CPU time): "
+        + ", ".join(f"{k} {v['share']:.0%}" for k, v in list(breakdown.items())[:6]) + ".",
+        "",
+        f"Command: `{info['command']}`",
+    ]
+    T.write_results(output, results, rows)
+
+
+if __name__ == "__main__":
+    main()

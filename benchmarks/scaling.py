@@ -1,0 +1,170 @@
+"""Scaling of the encoder with tissue size: Flowformer (linear) vs exact softmax attention.
+
+Run from the repository root::
+
+    python benchmarks/scaling.py            # default: 1k … 256k cells (flow), ~6 min on 2 cores
+    python benchmarks/scaling.py --quick    # smoke run, < 1 min
+
+One tissue of ``N`` cells goes through :class:`cellplm_scvi.nn.CellEncoder` (``--hidden`` 256,
+``--layers`` 4, ``--heads`` 8, eval mode, ``torch.inference_mode()``, float32, input
+``randn(N, D)``, one segment), for ``attention="flow"`` and ``"softmax"``. Each (attention, N) runs
+in a fresh Python process: a first pass gives the peak resident memory (high-water mark above the
+RSS before the pass, input and weights excluded), then ``--repeats`` timed passes give the time
+per forward pass (median). Sizes whose predicted time (the last measured time scaled by
+``(N'/N)^2`` for softmax, ``N'/N`` for flow) exceeds ``--max-seconds`` per pass, or whose
+predicted memory exceeds ``--max-memory-gib``, are skipped and recorded as skipped.
+
+Linearity: time per cell at the largest flow size up to 64k over time per cell at 4k (target
+<= 1.3; 1.0 is perfectly linear).
+
+Writes ``benchmarks/results/scaling.{json,md}`` (``--quick``: ``scaling_quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing as T  # noqa: E402
+
+
+def worker(task: dict) -> dict:
+    import torch
+
+    from cellplm_scvi.nn import CellEncoder
+
+    torch.manual_seed(0)
+    n = task["n_cells"]
+    encoder = CellEncoder(task["hidden"], task["layers"], task["heads"], 0.1, task["attention"]).eval()
+    x = torch.randn(n, task["hidden"])
+    segment_ptr = torch.tensor([0, n])
+    times = []
+    with torch.inference_mode():
+        with T.PeakMemory() as memory:
+            start = time.perf_counter()
+            out = encoder(x, segment_ptr)
+            first = time.perf_counter() - start
+        assert out.shape == x.shape and torch.isfinite(out).all()
+        del out
+        for _ in range(task["repeats"]):
+            start = time.perf_counter()
+            encoder(x, segment_ptr)
+            times.append(time.perf_counter() - start)
+    seconds = T.median(times)
+    return {
+        "seconds": seconds,
+        "all_seconds": [round(t, 4) for t in times],
+        "first_pass_seconds": round(first, 4),
+        "us_per_cell": 1e6 * seconds / n,
+        "peak_mib": round(memory.delta_mib, 1),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the protocol.")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 256000], help="tissue sizes (cells)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per size (median)")
+    parser.add_argument("--max-seconds", type=float, default=45, help="skip sizes predicted to take longer per pass")
+    parser.add_argument("--max-memory-gib", type=float, default=12, help="skip sizes predicted to need more memory")
+    parser.add_argument("--attention", nargs="+", default=["flow", "softmax"], choices=["flow", "softmax"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's choice)")
+    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--max-wait", type=float, default=1200)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1k and 4k cells, width 64, 2 repeats")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        T.report(worker(json.loads(args.worker)))
+        return
+    T.set_threads(args.threads)
+    if args.quick:
+        args.sizes, args.hidden, args.repeats = [1000, 4000], 64, 2
+    output = args.output or ("scaling_quick" if args.quick else "scaling")
+
+    quiet = T.wait_for_quiet(args.max_load, args.max_wait)
+    results = {
+        "benchmark": "scaling",
+        "machine": T.machine_info(),
+        "wait_for_quiet": quiet,
+        "idle_gate": dict(T.IDLE_GATE),
+        "encoder": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "dtype": "float32"},
+        "runs": {a: {} for a in args.attention},
+        "skipped": {a: {} for a in args.attention},
+    }
+    last = {a: None for a in args.attention}  # (n, seconds, peak_mib) of the last measured size
+    for n in sorted(args.sizes):
+        for attention in args.attention:
+            if last[attention] is not None:
+                n0, s0, m0 = last[attention]
+                growth = (n / n0) ** 2 if attention == "softmax" else n / n0
+                predicted_s = s0 * growth
+                predicted_gib = max(m0, 1.0) * (n / n0) / 1024  # memory-efficient attention: linear in N
+                if predicted_s > args.max_seconds or predicted_gib > args.max_memory_gib:
+                    results["skipped"][attention][str(n)] = {
+                        "predicted_seconds": round(predicted_s, 1),
+                        "predicted_gib": round(predicted_gib, 2),
+                    }
+                    print(f"{attention:8s} N={n:7d} skipped (predicted {predicted_s:.0f} s, {predicted_gib:.1f} GiB)", flush=True)
+                    continue
+            task = {"n_cells": n, "attention": attention, "hidden": args.hidden, "layers": args.layers,
+                    "heads": args.heads, "repeats": args.repeats}
+            result = T.run_worker(__file__, task)
+            results["runs"][attention][str(n)] = result
+            last[attention] = (n, result["seconds"], result["peak_mib"])
+            print(f"{attention:8s} N={n:7d} {result['seconds']:8.3f} s/pass {result['us_per_cell']:8.2f} us/cell "
+                  f"peak {result['peak_mib']:8.1f} MiB load {result['load_1min_after']}", flush=True)
+
+    flow = results["runs"].get("flow", {})
+    if "4000" in flow:
+        largest = max((int(n) for n in flow if int(n) <= 64000), default=None)
+        if largest and largest > 4000:
+            ratio = flow[str(largest)]["us_per_cell"] / flow["4000"]["us_per_cell"]
+            results["flow_linearity"] = {
+                "time_per_cell_ratio": round(ratio, 3),
+                "sizes": [largest, 4000],
+                "target": 1.3,
+                "met": ratio <= 1.3,
+            }
+    results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    info = results["machine"]
+    rows = [
+        f"Encoder scaling (D={args.hidden}, {args.layers} layers, {args.heads} heads, one tissue), {info['cpu']}, "
+        f"{info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}, load {quiet['load_1min']} "
+        f"at start; median of {args.repeats} passes.",
+        "",
+        "| cells | flow s/pass | flow µs/cell | flow peak MiB | softmax s/pass | softmax µs/cell | softmax peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in sorted(args.sizes):
+        cells = []
+        for attention in ("flow", "softmax"):
+            run = results["runs"].get(attention, {}).get(str(n))
+            if run:
+                cells += [f"{run['seconds']:.3f}", f"{run['us_per_cell']:.1f}", f"{run['peak_mib']:,.0f}"]
+            elif str(n) in results["skipped"].get(attention, {}):
+                skip = results["skipped"][attention][str(n)]
+                cells += [f"skipped (~{skip['predicted_seconds']:.0f} s)", "", ""]
+            else:
+                cells += ["", "", ""]
+        rows.append(f"| {n:,} | " + " | ".join(cells) + " |")
+    if "flow_linearity" in results:
+        lin = results["flow_linearity"]
+        rows += ["", f"Flow time/cell at {lin['sizes'][0]:,} over 4,000 cells: {lin['time_per_cell_ratio']:.2f} "
+                     f"(target <= 1.3: {'met' if lin['met'] else 'missed'})."]
+    rows += ["", f"Command: `{info['command']}`"]
+    T.write_results(output, results, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Training speed and peak memory: CellPLM (our default) vs scVI (its default).
+
+Run from the repository root, with ``../shared/data`` beside it::
+
+    python benchmarks/training_speed.py           # pancreas + 100,000 generated cells (~9 min, 2 cores)
+    python benchmarks/training_speed.py --quick   # smoke run, < 1 min
+
+Systems, each with its defaults except ``max_epochs``:
+
+* ours: ``CellPLM.setup_anndata(adata, layer=..., batch_key=...)``; ``CellPLM(adata)``;
+  ``model.train(max_epochs=E)`` — default architecture (width 128, 2 flow layers, GMM latent),
+  cell budget ``max_cells_per_batch=4000``, ``drop_cell_rate=0.3``, validation every epoch;
+* scVI: ``scvi.model.SCVI.setup_anndata(...)``; ``SCVI(adata)``; ``model.train(max_epochs=E)``
+  (minibatches of 128 cells, no per-epoch validation by default).
+
+Data: ``../shared/data/pancreas_endocrinogenesis_mouse`` (3,696 cells x 2,000 genes, layer
+``counts``, no batch key), and generated negative-binomial counts (``--cells`` cells x 2,000 genes,
+~90 % zeros, batches of ``--cells-per-batch`` cells registered as ``batch_key`` for both).
+
+How cells/s is counted, per epoch, from Lightning callbacks:
+
+* ``train_seconds``: from the epoch's first hook (``on_train_epoch_start``) to the end of its last
+  training step (``on_train_batch_end``): loading + forward + backward + optimiser steps, but not
+  the validation loop, the dataloader rebuild between epochs or logging;
+* ``epoch_seconds``: wall time from one epoch's start to the next (everything included);
+* cells *served* = the training-split cells (``n_train``), each served once per epoch;
+* cells *in the forward* = the sum of the minibatch sizes. For ours this is ~70 % of the served
+  cells, because each step leaves 30 % of every tissue out (context dropout); for scVI it equals
+  the served cells.
+* served cells/s = ``n_train / train_seconds``, forward cells/s = ``sum(minibatch sizes) /
+  train_seconds``; also ``n_train / epoch_seconds``. The first epoch is a warm-up and is not
+  used: per run the median over epochs 2..E is taken, then the median over runs.
+
+Runs alternate ours / scVI in fresh Python processes, ``--repeats`` times. Peak memory is the
+resident high-water mark during ``train()`` above the RSS just before it (data and model loaded).
+Memory bound: our training peak on the first 10,000 generated cells vs on all ``--cells``, same
+budget (and a 2,000-cell budget at 10,000 cells), to show the step memory is set by
+``max_cells_per_batch`` and not by the dataset size.
+
+Writes ``benchmarks/results/training_speed.{json,md}`` (``--quick``: ``training_speed_quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing as T  # noqa: E402
+
+PANCREAS = T.DATA / "pancreas_endocrinogenesis_mouse" / "pancreas_endocrinogenesis_mouse.h5ad"
+
+
+# ------------------------------------------------------------------ worker (fresh process)
+def _timer_callback():
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        """Per-epoch training-loop time, epoch wall time and cells per step."""
+
+        def __init__(self):
+            self.epochs: list[dict] = []
+            self.n_train = None
+
+        def on_train_start(self, trainer, pl_module):
+            self.n_train = getattr(trainer.datamodule, "n_train", None)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            now = time.perf_counter()
+            if self.epochs:
+                self.epochs[-1]["epoch_seconds"] = now - self.epochs[-1]["_start"]
+            self.epochs.append({"_start": now, "cells_forward": 0, "steps": 0})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            epoch = self.epochs[-1]
+            first = next(iter(batch.values()))
+            epoch["cells_forward"] += int(first.shape[0])
+            epoch["steps"] += 1
+            epoch["train_seconds"] = time.perf_counter() - epoch["_start"]
+
+        def on_train_end(self, trainer, pl_module):
+            self.epochs[-1]["epoch_seconds"] = time.perf_counter() - self.epochs[-1]["_start"]
+
+    return EpochTimer()
+
+
+def worker(task: dict) -> dict:
+    import anndata as ad
+    import scvi
+    import torch
+
+    import cellplm_scvi as cps
+
+    scvi.settings.seed = 0
+    path = task["data_path"]
+    adata = ad.read_h5ad(path)
+    if task.get("n_cells") and task["n_cells"] < adata.n_obs:
+        adata = adata[: task["n_cells"]].copy()
+    layer, batch_key = task["layer"], task["batch_key"]
+    timer = _timer_callback()
+    if task["system"] == "ours":
+        cps.CellPLM.setup_anndata(adata, layer=layer, batch_key=batch_key)
+        model = cps.CellPLM(adata, **task.get("model_kwargs", {}))
+    else:
+        scvi.model.SCVI.setup_anndata(adata, layer=layer, batch_key=batch_key)
+        model = scvi.model.SCVI(adata)
+    with T.PeakMemory() as memory:
+        start = time.perf_counter()
+        model.train(max_epochs=task["epochs"], enable_progress_bar=False, callbacks=[timer], **task.get("train_kwargs", {}))
+        total = time.perf_counter() - start
+    epochs = [{k: v for k, v in e.items() if not k.startswith("_")} for e in timer.epochs]
+    n_train = timer.n_train
+    for e in epochs:
+        e["served_cells_per_s"] = n_train / e["train_seconds"]
+        e["forward_cells_per_s"] = e["cells_forward"] / e["train_seconds"]
+        e["served_cells_per_epoch_s"] = n_train / e["epoch_seconds"]
+    measured = epochs[1:] or epochs
+    return {
+        "n_cells": adata.n_obs,
+        "n_train": n_train,
+        "epochs": epochs,
+        "train_call_seconds": total,
+        "served_cells_per_s": T.median([e["served_cells_per_s"] for e in measured]),
+        "forward_cells_per_s": T.median([e["forward_cells_per_s"] for e in measured]),
+        "served_cells_per_epoch_s": T.median([e["served_cells_per_epoch_s"] for e in measured]),
+        "peak_mib": round(memory.delta_mib, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------ driver
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for how cells/s is counted.")
+    parser.add_argument("--cells", type=int, default=100_000, help="generated cells (default 100000)")
+    parser.add_argument("--cells-per-batch", type=int, default=2500, help="cells per generated batch/tissue (default 2500)")
+    parser.add_argument("--pancreas-epochs", type=int, default=8)
+    parser.add_argument("--synthetic-epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating fresh-process repeats (default 2)")
+    parser.add_argument("--datasets", nargs="+", default=["pancreas", "synthetic"], choices=["pancreas", "synthetic"])
+    parser.add_argument("--skip-memory-bound", action="store_true", help="skip the 10k-cell memory runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's choice)")
+    parser.add_argument("--max-load", type=float, default=1.0)
+    parser.add_argument("--max-wait", type=float, default=1200)
+    parser.add_argument("--quick", action="store_true", help="smoke run: pancreas and 5,000 generated cells, 2 epochs, 1 repeat")
+    parser.add_argument("--output", default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        T.report(worker(json.loads(args.worker)))
+        return
+    T.set_threads(args.threads)
+    if args.quick:
+        args.cells, args.pancreas_epochs, args.synthetic_epochs, args.repeats = 5000, 2, 2, 1
+        args.skip_memory_bound = True
+    output = args.output or ("training_speed_quick" if args.quick else "training_speed")
+
+    workdir = Path(tempfile.mkdtemp(prefix="cellplm_training_speed_"))
+    try:
+        datasets = {}
+        if "pancreas" in args.datasets:
+            datasets["pancreas"] = {"data_path": str(PANCREAS), "layer": "counts", "batch_key": None,
+                                    "epochs": args.pancreas_epochs}
+        if "synthetic" in args.datasets:
+            print(f"generating {args.cells:,} cells ...", flush=True)
+            adata = T.synthetic_counts(args.cells, 2000, args.cells_per_batch, seed=0)
+            synthetic_path = workdir / "synthetic.h5ad"
+            adata.write_h5ad(synthetic_path)
+            del adata
+            datasets["synthetic"] = {"data_path": str(synthetic_path), "layer": None, "batch_key": "batch",
+                                     "epochs": args.synthetic_epochs}
+        quiet = T.wait_for_quiet(args.max_load, args.max_wait)
+        results = {"benchmark": "training_speed", "machine": T.machine_info(), "wait_for_quiet": quiet,
+        "idle_gate": dict(T.IDLE_GATE),
+                   "repeats": args.repeats, "runs": {}, "summary": {}}
+        for name, spec in datasets.items():
+            runs = {"ours": [], "scvi": []}
+            for repeat in range(args.repeats):
+                for system in (("ours", "scvi") if repeat % 2 == 0 else ("scvi", "ours")):
+                    result = T.run_worker(__file__, {**spec, "system": system}, timeout_s=1800)
+                    runs[system].append(result)
+                    print(f"{name:9s} {system:5s} n_train {result['n_train']:6d} served {result['served_cells_per_s']:8.0f}/s "
+                          f"forward {result['forward_cells_per_s']:8.0f}/s epoch-wall {result['served_cells_per_epoch_s']:8.0f}/s "
+                          f"peak {result['peak_mib']:7.1f} MiB load {result['load_1min_after']}", flush=True)
+            results["runs"][name] = runs
+            summary = {}
+            for system, rs in runs.items():
+                summary[system] = {
+                    key: round(T.median([r[key] for r in rs]), 1)
+                    for key in ("served_cells_per_s", "forward_cells_per_s", "served_cells_per_epoch_s", "peak_mib")
+                }
+                summary[system]["n_train"] = rs[0]["n_train"]
+            summary["served_ratio_ours_over_scvi"] = round(
+                summary["ours"]["served_cells_per_s"] / summary["scvi"]["served_cells_per_s"], 2)
+            summary["forward_ratio_ours_over_scvi"] = round(
+                summary["ours"]["forward_cells_per_s"] / summary["scvi"]["forward_cells_per_s"], 2)
+            summary["epoch_wall_ratio_ours_over_scvi"] = round(
+                summary["ours"]["served_cells_per_epoch_s"] / summary["scvi"]["served_cells_per_epoch_s"], 2)
+            summary["served_ratio_per_repeat"] = [
+                round(o["served_cells_per_s"] / r["served_cells_per_s"], 2) for o, r in zip(runs["ours"], runs["scvi"])
+            ]
+            results["summary"][name] = summary
+
+        if "synthetic" in datasets and not args.skip_memory_bound:
+            bound = {}
+            spec = {**datasets["synthetic"], "epochs": 1}
+            for label, extra in (
+                ("ours_10k_budget4000", {"system": "ours", "n_cells": 10_000}),
+                ("ours_10k_budget2000", {"system": "ours", "n_cells": 10_000,
+                                         "model_kwargs": {"max_cells_per_tissue": 2000},
+                                         "train_kwargs": {"max_cells_per_batch": 2000}}),
+                ("scvi_10k", {"system": "scvi", "n_cells": 10_000}),
+            ):
+                result = T.run_worker(__file__, {**spec, **extra}, timeout_s=1800)
+                bound[label] = {"n_cells": result["n_cells"], "peak_mib": result["peak_mib"],
+                                "load_1min_after": result["load_1min_after"]}
+                print(f"memory bound {label}: peak {result['peak_mib']:.1f} MiB", flush=True)
+            bound[f"ours_{args.cells // 1000}k_budget4000"] = {
+                "n_cells": args.cells, "peak_mib": results["summary"]["synthetic"]["ours"]["peak_mib"]}
+            bound[f"scvi_{args.cells // 1000}k"] = {
+                "n_cells": args.cells, "peak_mib": results["summary"]["synthetic"]["scvi"]["peak_mib"]}
+            results["memory_bound"] = bound
+        results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    info = results["machine"]
+    rows = [
+        f"Training speed, {info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, "
+        f"scvi-tools {info.get('scvi_tools')}, {info['date']}, load {quiet['load_1min']} at start; "
+        f"median over epochs 2..E and {args.repeats} alternating runs.",
+        "",
+        "| data | n_train | system | served cells/s | cells in forward/s | served cells/s (epoch wall) | peak MiB |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for name, s in results["summary"].items():
+        for system in ("ours", "scvi"):
+            r = s[system]
+            rows.append(f"| {name} | {r['n_train']:,} | {system} | {r['served_cells_per_s']:,.0f} | "
+                        f"{r['forward_cells_per_s']:,.0f} | {r['served_cells_per_epoch_s']:,.0f} | {r['peak_mib']:,.0f} |")
+        rows.append(f"| {name} | | ours/scVI | {s['served_ratio_ours_over_scvi']:.2f}x | "
+                    f"{s['forward_ratio_ours_over_scvi']:.2f}x | {s['epoch_wall_ratio_ours_over_scvi']:.2f}x | |")
+    if "memory_bound" in results:
+        rows += ["", "| training run | cells | peak MiB |", "|---|---:|---:|"]
+        for label, r in results["memory_bound"].items():
+            rows.append(f"| {label} | {r['n_cells']:,} | {r['peak_mib']:,.0f} |")
+    rows += ["", f"Command: `{info['command']}`"]
+    T.write_results(output, results, rows)
+
+
+if __name__ == "__main__":
+    main()
