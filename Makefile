@@ -15,6 +15,8 @@ DEMO_OUT ?= demo_output
 PYTEST_ARGS ?= -q -ra --durations=10
 
 BIN := $(VENV)/bin
+# OpenMP threads that spin while waiting slow torch down many-fold when the cores are shared.
+export OMP_WAIT_POLICY ?= PASSIVE
 STAMP := $(VENV)/.cellplm-scvi-installed
 LINT_PATHS := $(wildcard src tests benchmarks docs/conf.py)
 

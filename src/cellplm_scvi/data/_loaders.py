@@ -146,26 +146,29 @@ def split_units(
     """Split cells into train / validation / test by whole units.
 
     Units are taken in a seeded random order: validation first, until its share of cells is
-    reached, then test, the rest train. A tissue is never in two splits. When there is only one
-    unit and a validation share is asked for, that unit is first cut into pieces (tiles with
-    coordinates, chunks without), ``round(1 / validation_size)`` of them, and the split is made
-    over the pieces.
+    reached, then test, the rest train. A tissue is then never in two splits. When no whole unit
+    is small enough (every unit holds more than twice the validation share, e.g. one tissue, or
+    two large FOVs), the units are first cut into pieces of about the validation share (tiles
+    with coordinates, chunks without) and the split is made over the pieces.
 
     Returns
     -------
     Sorted obs indices of the train, validation and test cells.
     """
     pieces = [index.unit(u) for u in range(index.n_units)]
-    if len(pieces) == 1 and validation_size > 0:
-        cells = pieces[0]
-        max_piece = -(-len(cells) // max(2, round(1 / validation_size)))
-        keys = stable_cell_keys(obs_names[cells], seed)
-        parts = (
-            spatial_tiles(coords[cells], keys, max_piece)
-            if coords is not None
-            else random_chunks(keys, max_piece)
-        )
-        pieces = [cells[p] for p in parts]
+    n_validation = validation_size * sum(len(p) for p in pieces)
+    if validation_size > 0 and min(len(p) for p in pieces) > 2 * n_validation:
+        max_piece = max(1, int(np.ceil(n_validation)))
+        cut = []
+        for cells in pieces:
+            keys = stable_cell_keys(obs_names[cells], seed)
+            parts = (
+                spatial_tiles(coords[cells], keys, max_piece)
+                if coords is not None
+                else random_chunks(keys, max_piece)
+            )
+            cut += [cells[p] for p in parts]
+        pieces = cut
     order = np.random.default_rng(seed).permutation(len(pieces))
     n_cells = sum(len(p) for p in pieces)
     targets = {"validation": validation_size * n_cells, "test": (1 - train_size - validation_size) * n_cells}

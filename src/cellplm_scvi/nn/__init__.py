@@ -4,7 +4,13 @@ from ._attention import FlowAttention, SoftmaxAttention
 from ._decoder import BatchAwareDecoder
 from ._embedder import GeneBagEmbedder, TokenProjection
 from ._encoder import CellEncoder, CellTransformerLayer
-from ._latent import DeterministicLatent, GaussianMixtureLatent, LatentOutput, NormalLatent
+from ._latent import (
+    DeterministicLatent,
+    GaussianMixtureLatent,
+    LatentOutput,
+    NormalLatent,
+    ReleasedGaussianMixtureLatent,
+)
 from ._positional import Sinusoidal2dEncoding
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "GeneBagEmbedder",
     "LatentOutput",
     "NormalLatent",
+    "ReleasedGaussianMixtureLatent",
     "Sinusoidal2dEncoding",
     "SoftmaxAttention",
     "TokenProjection",
