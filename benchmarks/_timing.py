@@ -17,6 +17,7 @@ Linux only (``/proc``). Time ratios are always measured in one run, alternating 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -177,6 +178,19 @@ def wait_for_idle_cpus(max_busy: float = 0.15, timeout_s: float = 300, window_s:
 IDLE_GATE = {"max_busy": 0.15, "timeout_s": 300.0, "max_others_during": 0.10, "attempts": 3}
 
 
+def add_run_arguments(parser, quick_help: str, workers: bool = True) -> None:
+    """The options every speed script shares: threads, waiting for a quiet machine, quick runs, output name."""
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this"
+    )
+    parser.add_argument("--max-wait", type=float, default=1200, help="longest wait for a quiet machine, s")
+    parser.add_argument("--quick", action="store_true", help=f"smoke run: {quick_help}")
+    parser.add_argument("--output", default=None, help="results name (default: the script's name)")
+    if workers:
+        parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
 def set_threads(n: int | None) -> None:
     """Use ``n`` torch threads here and in every worker started later (``OMP_NUM_THREADS``).
 
@@ -241,7 +255,7 @@ def run_worker(script: str | Path, task: dict, timeout_s: float = 900) -> dict:
     as one line ``BENCHMARK-RESULT {json}`` (see :func:`report`).
     """
     attempts = []
-    for attempt in range(IDLE_GATE["attempts"]):
+    for _attempt in range(IDLE_GATE["attempts"]):
         gate = wait_for_idle_cpus(IDLE_GATE["max_busy"], IDLE_GATE["timeout_s"])
         command = [sys.executable, str(script), "--worker", json.dumps(task)]
         with OthersCpu() as others:
@@ -259,7 +273,10 @@ def run_worker(script: str | Path, task: dict, timeout_s: float = 900) -> dict:
         attempts.append(others.share)
         if others.share <= IDLE_GATE["max_others_during"]:
             break
-        print(f"  other processes used {others.share:.0%} of the CPUs during the run; measuring again", flush=True)
+        print(
+            f"  other processes used {others.share:.0%} of the CPUs during the run; measuring again",
+            flush=True,
+        )
     if result is not None:
         result["others_cpu_share_attempts"] = [round(a, 3) for a in attempts]
         result["contended"] = attempts[-1] > IDLE_GATE["max_others_during"]

@@ -57,17 +57,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T  # noqa: E402
+import _timing as T
 
 CONFIGS = {
     # reference overrides of the released config; our CellPLM keyword arguments
     "85m": {
-        "reference": {"enc_hid": 1024, "enc_layers": 4, "enc_head": 8, "post_latent_dim": 512, "dec_hid": 1024},
+        "reference": {
+            "enc_hid": 1024,
+            "enc_layers": 4,
+            "enc_head": 8,
+            "post_latent_dim": 512,
+            "dec_hid": 1024,
+        },
         "ours": {"preset": "cellplm-85m"},
     },
     "small": {
         "reference": {"enc_hid": 128, "enc_layers": 2, "enc_head": 4, "post_latent_dim": 32, "dec_hid": 128},
-        "ours": {"n_hidden": 128, "n_layers": 2, "n_heads": 4, "n_latent": 32, "n_decoder_hidden": 128, "dropout": 0.2},
+        "ours": {
+            "n_hidden": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_latent": 32,
+            "n_decoder_hidden": 128,
+            "dropout": 0.2,
+        },
     },
 }
 OURS_COMMON = {"latent": "normal", "use_positional_encoding": False}
@@ -119,7 +132,9 @@ def prepare(workdir: Path, args) -> dict:
         cps.CellPLM.setup_anndata(ours_adata, batch_key="batch")
         ours = cps.CellPLM(ours_adata, **CONFIGS[name]["ours"], **OURS_COMMON)
         torch.save(ours.module.state_dict(), workdir / f"ours_{name}.pt")
-        ours_encoder_params = sum(p.numel() for n, p in ours.module.named_parameters() if not n.startswith("decoder"))
+        ours_encoder_params = sum(
+            p.numel() for n, p in ours.module.named_parameters() if not n.startswith("decoder")
+        )
         params[name] = {
             "reference_params_embedding_path": embed_params,
             "ours_params_embedding_path": ours_encoder_params,
@@ -241,22 +256,29 @@ def summarise(runs: list[dict], key: str) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring (benchmarks/embedding_speed.py) for the protocol.")
-    parser.add_argument("--cells", type=int, default=20_000, help="cells in the generated data (default 20000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring (benchmarks/embedding_speed.py) for the protocol.",
+    )
+    parser.add_argument(
+        "--cells", type=int, default=20_000, help="cells in the generated data (default 20000)"
+    )
     parser.add_argument("--genes", type=int, default=2000, help="genes (default 2000)")
     parser.add_argument("--cells-per-tissue", type=int, default=2000, help="cells per tissue (default 2000)")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats per measurement (default 3)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="fresh-process repeats per measurement (default 3)"
+    )
     parser.add_argument("--configs", nargs="+", default=["85m", "small"], choices=sorted(CONFIGS))
-    parser.add_argument("--measure", nargs="+", default=["forward", "end_to_end"], choices=["forward", "end_to_end"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's choice)")
-    parser.add_argument("--max-load", type=float, default=1.0, help="wait until the 1-min load average is below this")
-    parser.add_argument("--max-wait", type=float, default=1200, help="longest wait for a quiet machine, s")
-    parser.add_argument("--ours-load-weights", action="store_true",
-                        help="end to end: ours also loads a saved state dict (as the reference must)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 4,000 cells, small config, 1 repeat")
-    parser.add_argument("--output", default=None, help="results name (default embedding_speed[_quick])")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--measure", nargs="+", default=["forward", "end_to_end"], choices=["forward", "end_to_end"]
+    )
+    T.add_run_arguments(parser, "4,000 cells, small config, 1 repeat")
+    parser.add_argument(
+        "--ours-load-weights",
+        action="store_true",
+        help="end to end: ours also loads a saved state dict (as the reference must)",
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -277,7 +299,7 @@ def main(argv=None) -> None:
             "benchmark": "embedding_speed",
             "machine": T.machine_info(),
             "wait_for_quiet": quiet,
-        "idle_gate": dict(T.IDLE_GATE),
+            "idle_gate": dict(T.IDLE_GATE),
             "data": prepared["data"],
             "params": prepared["params"],
             "repeats": args.repeats,
@@ -302,8 +324,11 @@ def main(argv=None) -> None:
                         }
                         result = T.run_worker(__file__, task)
                         runs[system].append(result)
-                        print(f"{name:6s} {measure:10s} {system:9s} {result['cells_per_s']:9.0f} cells/s  "
-                              f"peak {result['peak_mib']:8.1f} MiB  load {result['load_1min_after']}", flush=True)
+                        print(
+                            f"{name:6s} {measure:10s} {system:9s} {result['cells_per_s']:9.0f} cells/s  "
+                            f"peak {result['peak_mib']:8.1f} MiB  load {result['load_1min_after']}",
+                            flush=True,
+                        )
                 results["runs"][f"{name}/{measure}"] = runs
                 summary = {}
                 for system in runs:
@@ -316,7 +341,10 @@ def main(argv=None) -> None:
                         summary[system]["embed_only_cells_per_s"] = round(
                             summarise(runs[system], "embed_only_cells_per_s"), 1
                         )
-                ratios = [o["cells_per_s"] / r["cells_per_s"] for o, r in zip(runs["ours"], runs["reference"])]
+                ratios = [
+                    o["cells_per_s"] / r["cells_per_s"]
+                    for o, r in zip(runs["ours"], runs["reference"], strict=True)
+                ]
                 summary["speed_ratio_ours_over_reference"] = round(
                     summary["ours"]["cells_per_s"] / summary["reference"]["cells_per_s"], 2
                 )

@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T  # noqa: E402
+import _timing as T
 
 
 def encoder_flops(n: int, d_model: int, n_layers: int, n_heads: int) -> float:
@@ -50,18 +50,16 @@ def encoder_flops(n: int, d_model: int, n_layers: int, n_heads: int) -> float:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the FLOP count.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for the FLOP count."
+    )
     parser.add_argument("--cells", type=int, default=4000, help="cells in the tissue (default 4000)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--max-wait", type=float, default=1200)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1,000 cells, matmul 2048, 2 repeats")
-    parser.add_argument("--output", default=None)
+    T.add_run_arguments(parser, "1,000 cells, matmul 2048, 2 repeats", workers=False)
     args = parser.parse_args(argv)
     if args.quick:
         args.cells, args.matmul_size, args.repeats = 1000, 2048, 2
@@ -94,7 +92,7 @@ def main(argv=None) -> None:
         encoder(x, segment_ptr)
         gates = []
         for _ in range(args.repeats):
-            for attempt in range(T.IDLE_GATE["attempts"]):  # measure the pair again if disturbed
+            for _attempt in range(T.IDLE_GATE["attempts"]):  # measure the pair again if disturbed
                 gate = T.wait_for_idle_cpus(T.IDLE_GATE["max_busy"], T.IDLE_GATE["timeout_s"])
                 with T.OthersCpu() as others:
                     pair = (timed(lambda: torch.matmul(a, b)), timed(lambda: encoder(x, segment_ptr)))
@@ -109,25 +107,42 @@ def main(argv=None) -> None:
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total_us = sum(e.self_cpu_time_total for e in events)
     breakdown = {
-        e.key: {"share": round(e.self_cpu_time_total / total_us, 4), "ms": round(e.self_cpu_time_total / 1e3, 2), "calls": e.count}
+        e.key: {
+            "share": round(e.self_cpu_time_total / total_us, 4),
+            "ms": round(e.self_cpu_time_total / 1e3, 2),
+            "calls": e.count,
+        }
         for e in events[:12]
     }
     matmul_gflops = flops_matmul / T.median(matmul_s) / 1e9
     encoder_gflops = flops_encoder / T.median(encoder_s) / 1e9
     fraction = encoder_gflops / matmul_gflops
-    per_pair = [(flops_encoder / e) / (flops_matmul / m) for m, e in zip(matmul_s, encoder_s)]
+    per_pair = [(flops_encoder / e) / (flops_matmul / m) for m, e in zip(matmul_s, encoder_s, strict=True)]
     results = {
         "benchmark": "hardware_limit",
         "machine": T.machine_info(),
         "wait_for_quiet": quiet,
         "idle_gate": dict(T.IDLE_GATE),
-        "config": {"cells": args.cells, "hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                   "feed_forward": 2 * args.hidden, "dtype": "float32"},
+        "config": {
+            "cells": args.cells,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "feed_forward": 2 * args.hidden,
+            "dtype": "float32",
+        },
         "encoder_flops": flops_encoder,
-        "matmul": {"size": args.matmul_size, "flops": flops_matmul, "seconds": [round(s, 4) for s in matmul_s],
-                   "gflops_per_s": round(matmul_gflops, 1)},
-        "encoder": {"seconds": [round(s, 4) for s in encoder_s], "gflops_per_s": round(encoder_gflops, 1),
-                    "cells_per_s": round(args.cells / T.median(encoder_s), 1)},
+        "matmul": {
+            "size": args.matmul_size,
+            "flops": flops_matmul,
+            "seconds": [round(s, 4) for s in matmul_s],
+            "gflops_per_s": round(matmul_gflops, 1),
+        },
+        "encoder": {
+            "seconds": [round(s, 4) for s in encoder_s],
+            "gflops_per_s": round(encoder_gflops, 1),
+            "cells_per_s": round(args.cells / T.median(encoder_s), 1),
+        },
         "fraction_of_matmul": round(fraction, 3),
         "fraction_per_pair": [round(f, 3) for f in per_pair],
         "fraction_median_of_pairs": round(T.median(per_pair), 3),
@@ -149,7 +164,8 @@ def main(argv=None) -> None:
         f"{fraction:.2f} | >= 0.70 ({'met' if fraction >= 0.70 else 'missed'}) |",
         "",
         "Top operators of one encoder pass (self CPU time): "
-        + ", ".join(f"{k} {v['share']:.0%}" for k, v in list(breakdown.items())[:6]) + ".",
+        + ", ".join(f"{k} {v['share']:.0%}" for k, v in list(breakdown.items())[:6])
+        + ".",
         "",
         f"Command: `{info['command']}`",
     ]

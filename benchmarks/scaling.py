@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T  # noqa: E402
+import _timing as T
 
 
 def worker(task: dict) -> dict:
@@ -67,21 +67,28 @@ def worker(task: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for the protocol.")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000, 64000, 256000], help="tissue sizes (cells)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for the protocol."
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[1000, 4000, 16000, 64000, 256000],
+        help="tissue sizes (cells)",
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per size (median)")
-    parser.add_argument("--max-seconds", type=float, default=45, help="skip sizes predicted to take longer per pass")
-    parser.add_argument("--max-memory-gib", type=float, default=12, help="skip sizes predicted to need more memory")
+    parser.add_argument(
+        "--max-seconds", type=float, default=45, help="skip sizes predicted to take longer per pass"
+    )
+    parser.add_argument(
+        "--max-memory-gib", type=float, default=12, help="skip sizes predicted to need more memory"
+    )
     parser.add_argument("--attention", nargs="+", default=["flow", "softmax"], choices=["flow", "softmax"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's choice)")
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--max-wait", type=float, default=1200)
-    parser.add_argument("--quick", action="store_true", help="smoke run: 1k and 4k cells, width 64, 2 repeats")
-    parser.add_argument("--output", default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    T.add_run_arguments(parser, "1k and 4k cells, width 64, 2 repeats")
     args = parser.parse_args(argv)
     if args.worker:
         T.report(worker(json.loads(args.worker)))
@@ -101,7 +108,7 @@ def main(argv=None) -> None:
         "runs": {a: {} for a in args.attention},
         "skipped": {a: {} for a in args.attention},
     }
-    last = {a: None for a in args.attention}  # (n, seconds, peak_mib) of the last measured size
+    last = dict.fromkeys(args.attention)  # (n, seconds, peak_mib) of the last measured size
     for n in sorted(args.sizes):
         for attention in args.attention:
             if last[attention] is not None:
@@ -114,15 +121,27 @@ def main(argv=None) -> None:
                         "predicted_seconds": round(predicted_s, 1),
                         "predicted_gib": round(predicted_gib, 2),
                     }
-                    print(f"{attention:8s} N={n:7d} skipped (predicted {predicted_s:.0f} s, {predicted_gib:.1f} GiB)", flush=True)
+                    print(
+                        f"{attention:8s} N={n:7d} skipped (predicted {predicted_s:.0f} s, {predicted_gib:.1f} GiB)",
+                        flush=True,
+                    )
                     continue
-            task = {"n_cells": n, "attention": attention, "hidden": args.hidden, "layers": args.layers,
-                    "heads": args.heads, "repeats": args.repeats}
+            task = {
+                "n_cells": n,
+                "attention": attention,
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "heads": args.heads,
+                "repeats": args.repeats,
+            }
             result = T.run_worker(__file__, task)
             results["runs"][attention][str(n)] = result
             last[attention] = (n, result["seconds"], result["peak_mib"])
-            print(f"{attention:8s} N={n:7d} {result['seconds']:8.3f} s/pass {result['us_per_cell']:8.2f} us/cell "
-                  f"peak {result['peak_mib']:8.1f} MiB load {result['load_1min_after']}", flush=True)
+            print(
+                f"{attention:8s} N={n:7d} {result['seconds']:8.3f} s/pass {result['us_per_cell']:8.2f} us/cell "
+                f"peak {result['peak_mib']:8.1f} MiB load {result['load_1min_after']}",
+                flush=True,
+            )
 
     flow = results["runs"].get("flow", {})
     if "4000" in flow:
@@ -160,8 +179,11 @@ def main(argv=None) -> None:
         rows.append(f"| {n:,} | " + " | ".join(cells) + " |")
     if "flow_linearity" in results:
         lin = results["flow_linearity"]
-        rows += ["", f"Flow time/cell at {lin['sizes'][0]:,} over 4,000 cells: {lin['time_per_cell_ratio']:.2f} "
-                     f"(target <= 1.3: {'met' if lin['met'] else 'missed'})."]
+        rows += [
+            "",
+            f"Flow time/cell at {lin['sizes'][0]:,} over 4,000 cells: {lin['time_per_cell_ratio']:.2f} "
+            f"(target <= 1.3: {'met' if lin['met'] else 'missed'}).",
+        ]
     rows += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, rows)
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T  # noqa: E402
+import _timing as T
 
 PANCREAS = T.DATA / "pancreas_endocrinogenesis_mouse" / "pancreas_endocrinogenesis_mouse.h5ad"
 
@@ -113,7 +113,12 @@ def worker(task: dict) -> dict:
         model = scvi.model.SCVI(adata)
     with T.PeakMemory() as memory:
         start = time.perf_counter()
-        model.train(max_epochs=task["epochs"], enable_progress_bar=False, callbacks=[timer], **task.get("train_kwargs", {}))
+        model.train(
+            max_epochs=task["epochs"],
+            enable_progress_bar=False,
+            callbacks=[timer],
+            **task.get("train_kwargs", {}),
+        )
         total = time.perf_counter() - start
     epochs = [{k: v for k, v in e.items() if not k.startswith("_")} for e in timer.epochs]
     n_train = timer.n_train
@@ -137,20 +142,23 @@ def worker(task: dict) -> dict:
 
 # ------------------------------------------------------------------ driver
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="See the module docstring for how cells/s is counted.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="See the module docstring for how cells/s is counted."
+    )
     parser.add_argument("--cells", type=int, default=100_000, help="generated cells (default 100000)")
-    parser.add_argument("--cells-per-batch", type=int, default=2500, help="cells per generated batch/tissue (default 2500)")
+    parser.add_argument(
+        "--cells-per-batch", type=int, default=2500, help="cells per generated batch/tissue (default 2500)"
+    )
     parser.add_argument("--pancreas-epochs", type=int, default=8)
     parser.add_argument("--synthetic-epochs", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating fresh-process repeats (default 2)")
-    parser.add_argument("--datasets", nargs="+", default=["pancreas", "synthetic"], choices=["pancreas", "synthetic"])
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating fresh-process repeats (default 2)"
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", default=["pancreas", "synthetic"], choices=["pancreas", "synthetic"]
+    )
     parser.add_argument("--skip-memory-bound", action="store_true", help="skip the 10k-cell memory runs")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the workers (default: torch's choice)")
-    parser.add_argument("--max-load", type=float, default=1.0)
-    parser.add_argument("--max-wait", type=float, default=1200)
-    parser.add_argument("--quick", action="store_true", help="smoke run: pancreas and 5,000 generated cells, 2 epochs, 1 repeat")
-    parser.add_argument("--output", default=None)
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    T.add_run_arguments(parser, "pancreas and 5,000 generated cells, 2 epochs, 1 repeat")
     args = parser.parse_args(argv)
     if args.worker:
         T.report(worker(json.loads(args.worker)))
@@ -165,45 +173,71 @@ def main(argv=None) -> None:
     try:
         datasets = {}
         if "pancreas" in args.datasets:
-            datasets["pancreas"] = {"data_path": str(PANCREAS), "layer": "counts", "batch_key": None,
-                                    "epochs": args.pancreas_epochs}
+            datasets["pancreas"] = {
+                "data_path": str(PANCREAS),
+                "layer": "counts",
+                "batch_key": None,
+                "epochs": args.pancreas_epochs,
+            }
         if "synthetic" in args.datasets:
             print(f"generating {args.cells:,} cells ...", flush=True)
             adata = T.synthetic_counts(args.cells, 2000, args.cells_per_batch, seed=0)
             synthetic_path = workdir / "synthetic.h5ad"
             adata.write_h5ad(synthetic_path)
             del adata
-            datasets["synthetic"] = {"data_path": str(synthetic_path), "layer": None, "batch_key": "batch",
-                                     "epochs": args.synthetic_epochs}
+            datasets["synthetic"] = {
+                "data_path": str(synthetic_path),
+                "layer": None,
+                "batch_key": "batch",
+                "epochs": args.synthetic_epochs,
+            }
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
-        results = {"benchmark": "training_speed", "machine": T.machine_info(), "wait_for_quiet": quiet,
-        "idle_gate": dict(T.IDLE_GATE),
-                   "repeats": args.repeats, "runs": {}, "summary": {}}
+        results = {
+            "benchmark": "training_speed",
+            "machine": T.machine_info(),
+            "wait_for_quiet": quiet,
+            "idle_gate": dict(T.IDLE_GATE),
+            "repeats": args.repeats,
+            "runs": {},
+            "summary": {},
+        }
         for name, spec in datasets.items():
             runs = {"ours": [], "scvi": []}
             for repeat in range(args.repeats):
-                for system in (("ours", "scvi") if repeat % 2 == 0 else ("scvi", "ours")):
+                for system in ("ours", "scvi") if repeat % 2 == 0 else ("scvi", "ours"):
                     result = T.run_worker(__file__, {**spec, "system": system}, timeout_s=1800)
                     runs[system].append(result)
-                    print(f"{name:9s} {system:5s} n_train {result['n_train']:6d} served {result['served_cells_per_s']:8.0f}/s "
-                          f"forward {result['forward_cells_per_s']:8.0f}/s epoch-wall {result['served_cells_per_epoch_s']:8.0f}/s "
-                          f"peak {result['peak_mib']:7.1f} MiB load {result['load_1min_after']}", flush=True)
+                    print(
+                        f"{name:9s} {system:5s} n_train {result['n_train']:6d} served {result['served_cells_per_s']:8.0f}/s "
+                        f"forward {result['forward_cells_per_s']:8.0f}/s epoch-wall {result['served_cells_per_epoch_s']:8.0f}/s "
+                        f"peak {result['peak_mib']:7.1f} MiB load {result['load_1min_after']}",
+                        flush=True,
+                    )
             results["runs"][name] = runs
             summary = {}
             for system, rs in runs.items():
                 summary[system] = {
                     key: round(T.median([r[key] for r in rs]), 1)
-                    for key in ("served_cells_per_s", "forward_cells_per_s", "served_cells_per_epoch_s", "peak_mib")
+                    for key in (
+                        "served_cells_per_s",
+                        "forward_cells_per_s",
+                        "served_cells_per_epoch_s",
+                        "peak_mib",
+                    )
                 }
                 summary[system]["n_train"] = rs[0]["n_train"]
             summary["served_ratio_ours_over_scvi"] = round(
-                summary["ours"]["served_cells_per_s"] / summary["scvi"]["served_cells_per_s"], 2)
+                summary["ours"]["served_cells_per_s"] / summary["scvi"]["served_cells_per_s"], 2
+            )
             summary["forward_ratio_ours_over_scvi"] = round(
-                summary["ours"]["forward_cells_per_s"] / summary["scvi"]["forward_cells_per_s"], 2)
+                summary["ours"]["forward_cells_per_s"] / summary["scvi"]["forward_cells_per_s"], 2
+            )
             summary["epoch_wall_ratio_ours_over_scvi"] = round(
-                summary["ours"]["served_cells_per_epoch_s"] / summary["scvi"]["served_cells_per_epoch_s"], 2)
+                summary["ours"]["served_cells_per_epoch_s"] / summary["scvi"]["served_cells_per_epoch_s"], 2
+            )
             summary["served_ratio_per_repeat"] = [
-                round(o["served_cells_per_s"] / r["served_cells_per_s"], 2) for o, r in zip(runs["ours"], runs["scvi"])
+                round(o["served_cells_per_s"] / r["served_cells_per_s"], 2)
+                for o, r in zip(runs["ours"], runs["scvi"], strict=True)
             ]
             results["summary"][name] = summary
 
@@ -212,19 +246,32 @@ def main(argv=None) -> None:
             spec = {**datasets["synthetic"], "epochs": 1}
             for label, extra in (
                 ("ours_10k_budget4000", {"system": "ours", "n_cells": 10_000}),
-                ("ours_10k_budget2000", {"system": "ours", "n_cells": 10_000,
-                                         "model_kwargs": {"max_cells_per_tissue": 2000},
-                                         "train_kwargs": {"max_cells_per_batch": 2000}}),
+                (
+                    "ours_10k_budget2000",
+                    {
+                        "system": "ours",
+                        "n_cells": 10_000,
+                        "model_kwargs": {"max_cells_per_tissue": 2000},
+                        "train_kwargs": {"max_cells_per_batch": 2000},
+                    },
+                ),
                 ("scvi_10k", {"system": "scvi", "n_cells": 10_000}),
             ):
                 result = T.run_worker(__file__, {**spec, **extra}, timeout_s=1800)
-                bound[label] = {"n_cells": result["n_cells"], "peak_mib": result["peak_mib"],
-                                "load_1min_after": result["load_1min_after"]}
+                bound[label] = {
+                    "n_cells": result["n_cells"],
+                    "peak_mib": result["peak_mib"],
+                    "load_1min_after": result["load_1min_after"],
+                }
                 print(f"memory bound {label}: peak {result['peak_mib']:.1f} MiB", flush=True)
             bound[f"ours_{args.cells // 1000}k_budget4000"] = {
-                "n_cells": args.cells, "peak_mib": results["summary"]["synthetic"]["ours"]["peak_mib"]}
+                "n_cells": args.cells,
+                "peak_mib": results["summary"]["synthetic"]["ours"]["peak_mib"],
+            }
             bound[f"scvi_{args.cells // 1000}k"] = {
-                "n_cells": args.cells, "peak_mib": results["summary"]["synthetic"]["scvi"]["peak_mib"]}
+                "n_cells": args.cells,
+                "peak_mib": results["summary"]["synthetic"]["scvi"]["peak_mib"],
+            }
             results["memory_bound"] = bound
         results["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     finally:
@@ -242,10 +289,14 @@ def main(argv=None) -> None:
     for name, s in results["summary"].items():
         for system in ("ours", "scvi"):
             r = s[system]
-            rows.append(f"| {name} | {r['n_train']:,} | {system} | {r['served_cells_per_s']:,.0f} | "
-                        f"{r['forward_cells_per_s']:,.0f} | {r['served_cells_per_epoch_s']:,.0f} | {r['peak_mib']:,.0f} |")
-        rows.append(f"| {name} | | ours/scVI | {s['served_ratio_ours_over_scvi']:.2f}x | "
-                    f"{s['forward_ratio_ours_over_scvi']:.2f}x | {s['epoch_wall_ratio_ours_over_scvi']:.2f}x | |")
+            rows.append(
+                f"| {name} | {r['n_train']:,} | {system} | {r['served_cells_per_s']:,.0f} | "
+                f"{r['forward_cells_per_s']:,.0f} | {r['served_cells_per_epoch_s']:,.0f} | {r['peak_mib']:,.0f} |"
+            )
+        rows.append(
+            f"| {name} | | ours/scVI | {s['served_ratio_ours_over_scvi']:.2f}x | "
+            f"{s['forward_ratio_ours_over_scvi']:.2f}x | {s['epoch_wall_ratio_ours_over_scvi']:.2f}x | |"
+        )
     if "memory_bound" in results:
         rows += ["", "| training run | cells | peak MiB |", "|---|---:|---:|"]
         for label, r in results["memory_bound"].items():
