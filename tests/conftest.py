@@ -20,6 +20,17 @@ def shared_dataset(name: str) -> ad.AnnData:
     return ad.read_h5ad(path)
 
 
+#: A model small enough that a few epochs take well under a second.
+TINY_MODEL = {
+    "n_hidden": 16,
+    "n_layers": 1,
+    "n_heads": 2,
+    "n_latent": 4,
+    "n_components": 3,
+    "n_decoder_hidden": 16,
+}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     scvi.settings.seed = 0

@@ -5,19 +5,12 @@ import pandas as pd
 import pytest
 import scvi
 import torch
-from conftest import make_tissues
+from conftest import TINY_MODEL, make_tissues
 
 from cellplm_scvi import CellPLM
 from cellplm_scvi._constants import BATCH_KEYS
 
-SMALL = {
-    "n_hidden": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "n_latent": 6,
-    "n_components": 4,
-    "n_decoder_hidden": 16,
-}
+SMALL = {**TINY_MODEL, "n_latent": 6, "n_components": 4}
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 

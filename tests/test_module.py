@@ -2,20 +2,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from conftest import TINY_MODEL
 from scvi.distributions import NegativeBinomial
 
 from cellplm_scvi import CellPLMModule
 from cellplm_scvi._constants import BATCH_KEYS as K
 from cellplm_scvi.module._likelihood import dense_counts
 
-SMALL = {
-    "n_hidden": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "n_latent": 4,
-    "n_components": 3,
-    "n_decoder_hidden": 16,
-}
+SMALL = TINY_MODEL
 
 
 def make_batch(sizes=(8, 12), n_genes=10, seed=0, measured=None):

@@ -5,19 +5,12 @@ import numpy as np
 import pytest
 import scvi
 import torch
-from conftest import make_tissues
+from conftest import TINY_MODEL, make_tissues
 
 from cellplm_scvi import CellPLM
 from cellplm_scvi.model import NonFiniteLossError
 
-SMALL = {
-    "n_hidden": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "n_latent": 6,
-    "n_components": 4,
-    "n_decoder_hidden": 16,
-}
+SMALL = {**TINY_MODEL, "n_latent": 6, "n_components": 4}
 TRAIN = {"max_cells_per_batch": 60, "accelerator": "cpu", "enable_progress_bar": False}
 
 

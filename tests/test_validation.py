@@ -10,18 +10,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
-from conftest import make_tissues
+from conftest import TINY_MODEL, make_tissues
 
 from cellplm_scvi import CellPLM
 
-SMALL = {
-    "n_hidden": 16,
-    "n_layers": 1,
-    "n_heads": 2,
-    "n_latent": 4,
-    "n_components": 3,
-    "n_decoder_hidden": 16,
-}
+SMALL = TINY_MODEL
 TRAIN = {"max_cells_per_batch": 100, "accelerator": "cpu", "enable_progress_bar": False}
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
