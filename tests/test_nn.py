@@ -45,9 +45,11 @@ def packed():
     return torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
 
 
-def test_flow_attention_matches_naive_formula_per_tissue(packed):
+@pytest.mark.parametrize("loop_above", [0, 10**9], ids=["tissue-by-tissue", "packed"])
+def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above):
     x, ptr = packed
     attn = FlowAttention(16, 4)
+    attn.loop_above_cells_per_tissue = loop_above
     out = attn(x, ptr)
     for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
         torch.testing.assert_close(out[start:stop], naive_flow(attn, x[start:stop]), atol=1e-5, rtol=1e-5)

@@ -34,6 +34,9 @@ from ._validation import check_anndata, check_counts, check_layer, check_obs_key
 
 logger = logging.getLogger(__name__)
 
+INFERENCE_CELLS_PER_BATCH = 1024
+"""Default cell budget of an inference pass; a larger unit (tissue or tile) goes alone."""
+
 
 class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """CellPLM: a cell language model over tissues (Wen et al., ICLR 2024) on scvi-tools.
@@ -463,8 +466,13 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.module.eval()
         manager = self.get_anndata_manager(adata, required=True)
         index = tissue_data(manager, self.max_cells_per_tissue).index
-        context = np.sort(index.cells_of_units(index.units_containing(indices)))
-        loader = self._make_data_loader(adata=adata, indices=context, batch_size=batch_size)
+        units = index.units_containing(indices)
+        context = np.sort(index.cells_of_units(units))
+        # Large units go one per forward pass and small ones are packed: peak memory follows the
+        # largest unit, not the training budget (the result does not depend on the packing).
+        largest_unit = int(index.unit_sizes[units].max(initial=0))
+        budget = max(batch_size or INFERENCE_CELLS_PER_BATCH, largest_unit)
+        loader = self._make_data_loader(adata=adata, indices=context, max_cells_per_batch=budget)
         return track(
             loader, description="CellPLM inference", disable=silent, style=settings.progress_bar_style
         )
@@ -506,7 +514,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         mc_samples
             Unused; kept for scvi-tools compatibility.
         batch_size
-            Cell budget per forward pass (does not change the result).
+            Cell budget per forward pass (default 1,024; raised to the largest tissue unit among
+            the requested cells). Does not change the result.
         return_dist
             Return ``(mean, variance)`` of ``q(z|x)`` instead.
 
@@ -533,7 +542,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 variances[rows] = out["qz"].variance.cpu().numpy()
         if return_dist:
             return means[indices], variances[indices]
-        return means[indices]
+        return means if np.array_equal(indices, np.arange(adata.n_obs)) else means[indices]
 
     @torch.inference_mode()
     def get_cluster_probabilities(

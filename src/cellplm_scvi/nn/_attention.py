@@ -87,33 +87,76 @@ class FlowAttention(_MultiHeadProjections):
         -------
         ``(N, D)`` attention output.
         """
-        n_cells, eps = x.shape[0], self.eps
-        n_segments = segment_ptr.numel() - 1
+        n_cells = x.shape[0]
         q, k, v = self.heads(x)
         q, k = torch.sigmoid(q), torch.sigmoid(k)
+        n_segments = segment_ptr.numel() - 1
+        if n_segments == 1:
+            out = self._attend_tissue(q, k, v)
+        elif n_cells >= self.loop_above_cells_per_tissue * n_segments:
+            out = torch.empty_like(v)
+            bounds = segment_ptr.tolist()
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+                out[start:stop] = self._attend_tissue(q[start:stop], k[start:stop], v[start:stop])
+        else:
+            out = self._attend_packed(q, k, v, segment_ptr)
+        return self.out(out.reshape(n_cells, -1))
+
+    loop_above_cells_per_tissue = 256
+    """Mean tissue size from which tissues are attended one by one rather than all at once.
+
+    One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
+    small tissues avoids a Python loop over them. Both give the same result."""
+
+    def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
+
+        Every ``<a_i + eps, s + eps>`` is taken as ``<a_i, s + eps> + eps * sum(s + eps)``, a
+        batched matrix-vector product, so that no ``(n, H, d)`` temporary is made for it.
+        """
+        eps, n = self.eps, q.shape[0]
+
+        def dot(cells: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
+            """``<cells_i + eps, summary>`` for ``(n, H, d)`` cells and an ``(H, d)`` summary."""
+            return torch.einsum("nhd,hd->nh", cells, summary) + eps * summary.sum(-1)
+
+        incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)
+        outgoing = 1.0 / dot(k, q.sum(0) + eps)
+        allocation = torch.sigmoid(dot(q, torch.einsum("nhd,nh->hd", k, outgoing) + eps))
+        source = dot(k, torch.einsum("nhd,nh->hd", q, incoming) + eps).clamp(-1.0, 1.0).exp()
+        competition = source * (n / source.sum(0))
+        context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)
+        return torch.einsum("nhd,hde->nhe", q, context) * (incoming * allocation)[..., None]
+
+    def _attend_packed(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ptr: torch.Tensor
+    ) -> torch.Tensor:
+        """Flow attention for all tissues at once: ``(N, H, d)`` ×3 → ``(N, H, d)``.
+
+        Per-tissue sums are gathered back to every cell, which costs ``(N, H, d)`` temporaries;
+        only the final ``(H, d, d)`` contractions run tissue by tissue.
+        """
+        n_cells, eps = q.shape[0], self.eps
+        n_segments = segment_ptr.numel() - 1
         segment = segment_ids(segment_ptr, n_cells)
-        lengths = segment_ptr.diff().to(x.dtype)
+        lengths = segment_ptr.diff().to(q.dtype)
 
-        k_sum = segment_sum(k, segment, n_segments)[segment]  # (N, H, d)
-        q_sum = segment_sum(q, segment, n_segments)[segment]
-        incoming = 1.0 / ((q + eps) * (k_sum + eps)).sum(-1)  # (N, H)
-        outgoing = 1.0 / ((k + eps) * (q_sum + eps)).sum(-1)
-        k_out = segment_sum(k * outgoing[..., None], segment, n_segments)[segment]
-        q_in = segment_sum(q * incoming[..., None], segment, n_segments)[segment]
-        allocation = torch.sigmoid(((q + eps) * (k_out + eps)).sum(-1))
-        # The clamp to [-1, 1] bounds exp(), so the per-tissue softmax needs no max subtraction.
-        source = ((k + eps) * (q_in + eps)).sum(-1).clamp(-1.0, 1.0).exp()
-        competition = source / segment_sum(source, segment, n_segments)[segment] * lengths[segment, None]
+        def per_tissue(values: torch.Tensor) -> torch.Tensor:
+            return segment_sum(values, segment, n_segments)[segment]
 
-        q = q * incoming[..., None]
+        incoming = 1.0 / ((q + eps) * (per_tissue(k) + eps)).sum(-1)  # (N, H)
+        outgoing = 1.0 / ((k + eps) * (per_tissue(q) + eps)).sum(-1)
+        allocation = torch.sigmoid(((q + eps) * (per_tissue(k * outgoing[..., None]) + eps)).sum(-1))
+        source = ((k + eps) * (per_tissue(q * incoming[..., None]) + eps)).sum(-1).clamp(-1.0, 1.0).exp()
+        competition = source / per_tissue(source) * lengths[segment, None]
+        q = q * (incoming * allocation)[..., None]
         v = v * competition[..., None]
         out = torch.empty_like(v)
         bounds = segment_ptr.tolist()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             k_s, v_s, q_s = (t[start:stop].transpose(0, 1) for t in (k, v, q))  # (H, n, d)
             out[start:stop] = (q_s @ (k_s.transpose(1, 2) @ v_s)).transpose(0, 1)
-        out = out * allocation[..., None]
-        return self.out(out.reshape(n_cells, -1))
+        return out
 
 
 class SoftmaxAttention(_MultiHeadProjections):

@@ -22,13 +22,21 @@ class GeneBagEmbedder(nn.Module):
         ``(G_in,)`` rows of the table used by the input columns; ``None`` means the input columns
         are the table rows in order.
     dense_above
-        Above this share of non-zero entries the product is taken as a dense matrix product,
-        which is faster than the sparse bag then (measured: 9x at 33 % density, 2,600 cells ×
-        2,000 genes, D = 128, one CPU thread). Both paths give the same result.
+        Share of non-zero entries above which the product is taken as a dense matrix product
+        instead of a sparse bag. Both give the same result. ``None`` chooses by cost, as measured
+        by ``benchmarks/embedder_paths.py`` (2,000 cells × 2,000 genes, 2 CPU threads): with
+        gradients, above 2 % (the bag's backward with per-cell weights costs about ten times its
+        forward); without, above ``0.09 + 24 / D`` (the bag's cost grows with the entries and
+        ``D``, the dense product's with cells × genes × ``D`` plus a fixed cost per matrix entry):
+        11 % at ``D`` = 1024, 28 % at ``D`` = 128.
     """
 
     def __init__(
-        self, n_genes: int, n_hidden: int, gene_rows: torch.Tensor | None = None, dense_above: float = 0.02
+        self,
+        n_genes: int,
+        n_hidden: int,
+        gene_rows: torch.Tensor | None = None,
+        dense_above: float | None = None,
     ):
         super().__init__()
         self.dense_above = dense_above
@@ -57,7 +65,7 @@ class GeneBagEmbedder(nn.Module):
         n_cells, n_inputs = indptr.shape[0] - 1, self.gene_rows.numel()
         if indices.numel() == 0:
             return self.genes.weight.new_zeros(n_cells, self.genes.embedding_dim)
-        if indices.numel() > self.dense_above * n_cells * n_inputs:
+        if indices.numel() > self._dense_threshold() * n_cells * n_inputs:
             weights = values.new_zeros(n_cells, n_inputs)
             rows = torch.repeat_interleave(
                 torch.arange(n_cells, device=indptr.device), indptr.diff(), output_size=indices.numel()
@@ -69,6 +77,14 @@ class GeneBagEmbedder(nn.Module):
             offsets=indptr[:-1],
             per_sample_weights=torch.log1p(values),
         )
+
+
+    def _dense_threshold(self) -> float:
+        if self.dense_above is not None:
+            return self.dense_above
+        if torch.is_grad_enabled() and self.genes.weight.requires_grad:
+            return 0.02
+        return 0.09 + 24 / self.genes.embedding_dim
 
 
 class TokenProjection(nn.Sequential):

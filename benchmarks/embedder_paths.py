@@ -1,0 +1,129 @@
+"""Sparse bag or dense product: which embeds cells faster, by density, width and mode.
+
+Run from the repository root::
+
+    python benchmarks/embedder_paths.py           # default: 2,000 cells x 2,000 genes (~1 min)
+    python benchmarks/embedder_paths.py --quick   # smoke run, a few seconds
+
+:class:`cellplm_scvi.nn.GeneBagEmbedder` computes ``log1p(counts) @ E`` either as an
+``EmbeddingBag`` over the stored entries (``dense_above=1``) or as a dense matrix product
+(``dense_above=0``). For random counts at each density and width ``D``, this script times both,
+in one process, alternating, ``--repeats`` times (medians):
+
+* ``inference``: forward under ``torch.inference_mode()``;
+* ``training``: forward and backward of a scalar loss (the gradient reaches the gene table).
+
+The crossover densities chosen by ``GeneBagEmbedder(dense_above=None)`` come from these numbers.
+Writes ``benchmarks/results/embedder_paths.{json,md}`` (``--quick``: ``embedder_paths_quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing as T
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=2000)
+    parser.add_argument("--genes", type=int, default=2000)
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 1024])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2, 0.33])
+    parser.add_argument("--repeats", type=int, default=5)
+    T.add_run_arguments(parser, "500 cells, 2 densities, 2 repeats", workers=False)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.cells, args.densities, args.repeats = 500, [0.02, 0.2], 2
+    output = args.output or ("embedder_paths_quick" if args.quick else "embedder_paths")
+
+    import torch
+
+    from cellplm_scvi.nn import GeneBagEmbedder
+
+    T.set_threads(args.threads)
+    quiet = T.wait_for_quiet(args.max_load, args.max_wait)
+    generator = torch.Generator().manual_seed(0)
+
+    def seconds(embedder, csr, train: bool) -> float:
+        start = time.perf_counter()
+        if train:
+            embedder(*csr).square().sum().backward()
+        else:
+            with torch.inference_mode():
+                embedder(*csr)
+        return time.perf_counter() - start
+
+    rows = []
+    for width in args.widths:
+        for density in args.densities:
+            shape = (args.cells, args.genes)
+            stored = torch.rand(shape, generator=generator) < density
+            counts = (stored * torch.randint(1, 10, shape, generator=generator)).float().to_sparse_csr()
+            csr = (counts.crow_indices(), counts.col_indices(), counts.values())
+            embedders = {
+                path: GeneBagEmbedder(args.genes, width, dense_above=above)
+                for path, above in (("bag", 1.0), ("dense", 0.0))
+            }
+            for mode in ("inference", "training"):
+                times = {path: [] for path in embedders}
+                for path, embedder in embedders.items():  # warm-up
+                    seconds(embedder, csr, mode == "training")
+                for _ in range(args.repeats):
+                    for path, embedder in embedders.items():
+                        times[path].append(seconds(embedder, csr, mode == "training"))
+                bag_ms, dense_ms = (1e3 * T.median(times[p]) for p in ("bag", "dense"))
+                rows.append(
+                    {
+                        "width": width,
+                        "density": density,
+                        "mode": mode,
+                        "bag_ms": round(bag_ms, 2),
+                        "dense_ms": round(dense_ms, 2),
+                        "faster": "bag" if bag_ms < dense_ms else "dense",
+                        "chosen_by_default": _default_choice(GeneBagEmbedder(1, width), density, mode),
+                    }
+                )
+                print(rows[-1], flush=True)
+
+    results = {
+        "benchmark": "embedder_paths",
+        "machine": T.machine_info(),
+        "wait_for_quiet": quiet,
+        "cells": args.cells,
+        "genes": args.genes,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    info = results["machine"]
+    table = [
+        f"Embedder paths, {args.cells:,} cells x {args.genes:,} genes, {info['cpu']}, "
+        f"{info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}; median of {args.repeats}.",
+        "",
+        "| D | density | mode | bag ms | dense ms | faster | default choice |",
+        "|---:|---:|---|---:|---:|---|---|",
+    ]
+    table += [
+        f"| {r['width']} | {r['density']:.0%} | {r['mode']} | {r['bag_ms']:.1f} | {r['dense_ms']:.1f} | "
+        f"{r['faster']} | {r['chosen_by_default']} |"
+        for r in rows
+    ]
+    table += ["", f"Command: `{info['command']}`"]
+    T.write_results(output, results, table)
+
+
+def _default_choice(embedder, density: float, mode: str) -> str:
+    """The path ``GeneBagEmbedder(dense_above=None)`` takes at this density and mode."""
+    import torch
+
+    with torch.set_grad_enabled(mode == "training"):
+        return "dense" if density > embedder._dense_threshold() else "bag"
+
+
+if __name__ == "__main__":
+    main()
