@@ -72,7 +72,7 @@ def main(argv=None) -> None:
             }
             for mode in ("inference", "training"):
                 times = {path: [] for path in embedders}
-                for path, embedder in embedders.items():  # warm-up
+                for embedder in embedders.values():  # warm-up
                     seconds(embedder, csr, mode == "training")
                 for _ in range(args.repeats):
                     for path, embedder in embedders.items():

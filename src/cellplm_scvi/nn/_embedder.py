@@ -78,7 +78,6 @@ class GeneBagEmbedder(nn.Module):
             per_sample_weights=torch.log1p(values),
         )
 
-
     def _dense_threshold(self) -> float:
         if self.dense_above is not None:
             return self.dense_above
