@@ -140,7 +140,27 @@ def prepare(workdir: Path, args) -> dict:
             "ours_params_embedding_path": ours_encoder_params,
             "ours_summary": ours._model_summary_string,
         }
+        if args.ours_precision != "32":
+            params[name]["ours_precision_error"] = precision_error(ours, args.ours_precision)
     return {"data": data_info, "data_path": str(data_path), "params": params}
+
+
+def precision_error(model, precision: str, n_cells: int = 4000) -> dict:
+    """How far embeddings at ``precision`` lie from float32 ones (first ``n_cells`` cells)."""
+    import numpy as np
+
+    model.is_trained_ = True
+    cells = np.arange(min(n_cells, model.adata.n_obs))
+    exact = model.get_latent_representation(indices=cells)
+    approx = model.get_latent_representation(indices=cells, precision=precision)
+    relative = np.linalg.norm(approx - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    cosine = (approx * exact).sum(1) / np.linalg.norm(approx, axis=1) / np.linalg.norm(exact, axis=1)
+    return {
+        "cells": len(cells),
+        "median_relative_l2": round(float(np.median(relative)), 5),
+        "max_relative_l2": round(float(relative.max()), 5),
+        "min_cosine": round(float(cosine.min()), 6),
+    }
 
 
 # ------------------------------------------------------------------ workers (fresh processes)
@@ -189,10 +209,12 @@ def worker_forward(task: dict) -> dict:
             adata=adata, indices=np.arange(adata.n_obs), max_cells_per_batch=task["cells_per_tissue"]
         )
         inputs = [module._get_inference_input(tensors) for tensors in loader]
+        autocast = model._autocast(task["ours_precision"])
 
         def forward_all():
             for tensors in inputs:
-                out = module.inference(**tensors)
+                with autocast:
+                    out = module.inference(**tensors)
                 assert out["z"].shape[0] == tensors["x_indptr"].numel() - 1
 
     with torch.inference_mode():
@@ -237,7 +259,7 @@ def worker_end_to_end(task: dict) -> dict:
                 model.module.load_state_dict(torch.load(os.path.join(workdir, f"ours_{name}.pt")))
             model.is_trained_ = True
             loaded = time.perf_counter()
-            adata.obsm["X_cellplm"] = model.get_latent_representation()
+            adata.obsm["X_cellplm"] = model.get_latent_representation(precision=task["ours_precision"])
         seconds = time.perf_counter() - start
     assert adata.obsm["X_cellplm"].shape == (adata.n_obs, n_latent)
     return {
@@ -279,6 +301,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="end to end: ours also loads a saved state dict (as the reference must)",
     )
+    parser.add_argument(
+        "--ours-precision",
+        default="32",
+        choices=["32", "bf16-mixed"],
+        help="ours: float32 (default) or bfloat16 autocast (get_latent_representation(precision=...))",
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -304,6 +332,7 @@ def main(argv=None) -> None:
             "params": prepared["params"],
             "repeats": args.repeats,
             "ours_load_weights": args.ours_load_weights,
+            "ours_precision": args.ours_precision,
             "runs": {},
             "summary": {},
         }
@@ -321,6 +350,7 @@ def main(argv=None) -> None:
                             "workdir": str(workdir),
                             "cells_per_tissue": args.cells_per_tissue,
                             "ours_load_weights": args.ours_load_weights,
+                            "ours_precision": args.ours_precision,
                         }
                         result = T.run_worker(__file__, task)
                         runs[system].append(result)
@@ -361,7 +391,8 @@ def main(argv=None) -> None:
     rows = [
         f"Embedding speed, {results['data']['n_cells']:,} cells x {results['data']['n_genes']:,} genes "
         f"(tissues of {args.cells_per_tissue:,}), {info['cpu']}, {info['torch_threads']} torch threads, "
-        f"torch {info['torch']}, {info['date']}, load {quiet['load_1min']} at start; median of {args.repeats}.",
+        f"torch {info['torch']}, {info['date']}, load {quiet['load_1min']} at start; median of {args.repeats}; "
+        f"ours in {'float32' if args.ours_precision == '32' else 'bfloat16 autocast'}.",
         "",
         "| config | measure | reference cells/s | ours cells/s | speed ours/ref | reference peak MiB | ours peak MiB | memory ours/ref |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

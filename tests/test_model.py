@@ -91,6 +91,17 @@ def test_latents_repeatable_and_independent_of_batch_size_and_indices(trained):
     np.testing.assert_allclose(model.get_latent_representation(indices=idx), full[idx], **TOL)
 
 
+def test_bf16_latents_close_to_float32(trained):
+    model, _ = trained
+    full = model.get_latent_representation()
+    half = model.get_latent_representation(precision="bf16-mixed")
+    assert half.dtype == np.float32 and half.shape == full.shape
+    relative = np.linalg.norm(half - full, axis=1) / np.linalg.norm(full, axis=1)
+    assert 0 < np.median(relative) < 0.05  # bfloat16 was used, and stayed close
+    with pytest.raises(ValueError, match="precision must be"):
+        model.get_latent_representation(precision="16")
+
+
 def test_row_permutation_permutes_latents(trained):
     model, adata = trained
     perm = np.random.default_rng(1).permutation(adata.n_obs)

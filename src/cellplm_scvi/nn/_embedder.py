@@ -45,6 +45,7 @@ class GeneBagEmbedder(nn.Module):
         if gene_rows is None:
             gene_rows = torch.arange(n_genes)
         self.register_buffer("gene_rows", gene_rows.long(), persistent=False)
+        self.rows_are_columns = torch.equal(self.gene_rows, torch.arange(n_genes))
 
     def forward(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Embed a CSR batch of cells.
@@ -71,9 +72,10 @@ class GeneBagEmbedder(nn.Module):
                 torch.arange(n_cells, device=indptr.device), indptr.diff(), output_size=indices.numel()
             )
             weights[rows, indices] = torch.log1p(values)
-            return weights @ self.genes.weight[self.gene_rows]
+            table = self.genes.weight if self.rows_are_columns else self.genes.weight[self.gene_rows]
+            return weights @ table
         return self.genes(
-            self.gene_rows[indices],
+            indices if self.rows_are_columns else self.gene_rows[indices],
             offsets=indptr[:-1],
             per_sample_weights=torch.log1p(values),
         )
