@@ -246,20 +246,23 @@ class OthersCpu:
         return False
 
 
-def run_worker(script: str | Path, task: dict, timeout_s: float = 900) -> dict:
+def run_worker(script: str | Path, task: dict, timeout_s: float = 900, env: dict | None = None) -> dict:
     """Run ``python script --worker '<json>'`` in a fresh process and return the dict it reports.
 
     Before starting, waits until other processes leave the CPUs idle (:func:`wait_for_idle_cpus`
     with :data:`IDLE_GATE`); what it saw is recorded in the result (``cpu_busy_before``,
     ``idle_wait_s``), with the 1-minute load average after the run. The worker prints its result
-    as one line ``BENCHMARK-RESULT {json}`` (see :func:`report`).
+    as one line ``BENCHMARK-RESULT {json}`` (see :func:`report`). ``env`` adds environment
+    variables for the worker.
     """
     attempts = []
     for _attempt in range(IDLE_GATE["attempts"]):
         gate = wait_for_idle_cpus(IDLE_GATE["max_busy"], IDLE_GATE["timeout_s"])
         command = [sys.executable, str(script), "--worker", json.dumps(task)]
         with OthersCpu() as others:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})}
+            )
         result = None
         for line in done.stdout.splitlines()[::-1]:
             if line.startswith(RESULT_TAG):
