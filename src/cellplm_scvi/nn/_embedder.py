@@ -24,11 +24,11 @@ class GeneBagEmbedder(nn.Module):
     dense_above
         Share of non-zero entries above which the product is taken as a dense matrix product
         instead of a sparse bag. Both give the same result. ``None`` chooses by cost, as measured
-        by ``benchmarks/embedder_paths.py`` (2,000 cells × 2,000 genes, 2 CPU threads): with
-        gradients, above 2 % (the bag's backward with per-cell weights costs about ten times its
-        forward); without, above ``0.09 + 24 / D`` (the bag's cost grows with the entries and
-        ``D``, the dense product's with cells × genes × ``D`` plus a fixed cost per matrix entry):
-        11 % at ``D`` = 1024, 28 % at ``D`` = 128.
+        by ``benchmarks/embedder_paths.py`` (2,000 cells × 2,000 genes, 2 CPU threads, D = 128
+        and 1,024): with gradients, above 4 % (the bag's backward with per-cell weights costs
+        several times its forward); without, above ``0.06 + 44 / D`` (the bag's cost grows with
+        the entries times ``D``, the dense product's with cells × genes × ``D`` plus a fixed cost
+        per matrix entry): 10 % at ``D`` = 1,024, 40 % at ``D`` = 128.
     """
 
     def __init__(
@@ -84,8 +84,8 @@ class GeneBagEmbedder(nn.Module):
         if self.dense_above is not None:
             return self.dense_above
         if torch.is_grad_enabled() and self.genes.weight.requires_grad:
-            return 0.02
-        return 0.09 + 24 / self.genes.embedding_dim
+            return 0.04
+        return 0.06 + 44 / self.genes.embedding_dim
 
 
 class TokenProjection(nn.Sequential):
