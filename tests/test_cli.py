@@ -274,6 +274,18 @@ def test_embed_round_trip(capsys, tmp_path, small_h5ad, trained_dir):
         assert "cellplm_cluster" not in result.obs
 
 
+def test_embed_in_bfloat16(tmp_path, small_h5ad, trained_dir):
+    import cellplm_scvi as cps
+
+    out = tmp_path / "embedded.h5ad"
+    args = ["embed", "--model-dir", str(trained_dir), str(small_h5ad), "--out", str(out)]
+    assert cli.main([*args, "--precision", "bf16-mixed"]) == 0
+    embedding = ad.read_h5ad(out).obsm["X_cellplm"]
+    exact = cps.CellPLM.load(str(trained_dir), adata=ad.read_h5ad(small_h5ad)).get_latent_representation()
+    relative = np.linalg.norm(embedding - exact, axis=1) / np.linalg.norm(exact, axis=1)
+    assert 0 < np.median(relative) < 0.05
+
+
 def test_embed_replaces_an_existing_output_atomically(capsys, tmp_path, small_h5ad, trained_dir):
     out = tmp_path / "out.h5ad"
     out.write_text("old content")

@@ -149,6 +149,12 @@ def _add_embed(sub) -> None:
     embed.add_argument(
         "--obsm-key", default="X_cellplm", help="obsm key for the embedding (default: %(default)s)"
     )
+    embed.add_argument(
+        "--precision",
+        choices=["32", "bf16-mixed"],
+        default="32",
+        help="float32, or bfloat16 matrix products (faster on GPUs and recent CPUs) (default: %(default)s)",
+    )
     embed.set_defaults(handler=_cmd_embed)
 
 
@@ -277,7 +283,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         ) from None
     _step("embedding")
     start = time.perf_counter()
-    adata.obsm[args.obsm_key] = np.asarray(model.get_latent_representation(), dtype=np.float32)
+    adata.obsm[args.obsm_key] = np.asarray(
+        model.get_latent_representation(precision=args.precision), dtype=np.float32
+    )
     _step(f"embedded {adata.n_obs} cells in {time.perf_counter() - start:.1f} s")
     if model.module.latent_kind == "gmm":
         clusters = np.asarray(model.get_cluster_assignments())

@@ -69,6 +69,12 @@ class FlowAttention(_MultiHeadProjections):
         Stabiliser of the flow normalisation.
     """
 
+    loop_above_cells_per_tissue = 256
+    """Mean tissue size from which tissues are attended one by one rather than all at once.
+
+    One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
+    small tissues avoids a Python loop over them. Both give the same result."""
+
     def __init__(self, n_hidden: int, n_heads: int, eps: float = 1e-6):
         super().__init__(n_hidden, n_heads)
         self.eps = eps
@@ -102,12 +108,6 @@ class FlowAttention(_MultiHeadProjections):
             out = self._attend_packed(q, k, v, segment_ptr)
         return self.out(out.reshape(n_cells, -1))
 
-    loop_above_cells_per_tissue = 256
-    """Mean tissue size from which tissues are attended one by one rather than all at once.
-
-    One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
-    small tissues avoids a Python loop over them. Both give the same result."""
-
     def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
 
@@ -123,6 +123,7 @@ class FlowAttention(_MultiHeadProjections):
         incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)
         outgoing = 1.0 / dot(k, q.sum(0) + eps)
         allocation = torch.sigmoid(dot(q, torch.einsum("nhd,nh->hd", k, outgoing) + eps))
+        # The clamp to [-1, 1] bounds exp(), so the softmax over cells needs no max subtraction.
         source = dot(k, torch.einsum("nhd,nh->hd", q, incoming) + eps).clamp(-1.0, 1.0).exp()
         competition = source * (n / source.sum(0))
         context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)

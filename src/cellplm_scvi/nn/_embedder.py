@@ -81,6 +81,7 @@ class GeneBagEmbedder(nn.Module):
         )
 
     def _dense_threshold(self) -> float:
+        """Share of non-zero entries above which the dense product is used now."""
         if self.dense_above is not None:
             return self.dense_above
         if torch.is_grad_enabled() and self.genes.weight.requires_grad:
