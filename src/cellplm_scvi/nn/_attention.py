@@ -69,11 +69,13 @@ class FlowAttention(_MultiHeadProjections):
         Stabiliser of the flow normalisation.
     """
 
-    loop_above_cells_per_tissue = 256
+    loop_above_cells_per_tissue = 384
     """Mean tissue size from which tissues are attended one by one rather than all at once.
 
     One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
-    small tissues avoids a Python loop over them. Both give the same result."""
+    small tissues avoids a Python loop over them. Both give the same result. One by one is faster
+    from about 512 cells per tissue at ``D`` = 128 and from about 128–256 at ``D`` = 1,024
+    (``benchmarks/attention_packing.py``, 2 CPU threads)."""
 
     def __init__(self, n_hidden: int, n_heads: int, eps: float = 1e-6):
         super().__init__(n_hidden, n_heads)
