@@ -79,11 +79,15 @@ def check_spatial(adata: AnnData, spatial_key: str | None) -> None:
 def check_counts(matrix, where: str, chunk: int = 10_000) -> bool:
     """Reject negative / NaN / infinite values; return whether all values are integers.
 
-    Reads the matrix in row chunks (dense, sparse or backed).
+    Reads the stored values of an in-memory sparse matrix at once, other matrices (dense or
+    backed) in row chunks.
     """
     integer = True
-    for start in range(0, matrix.shape[0], chunk):
-        block = matrix[start : start + chunk]
+    if sp.issparse(matrix):
+        blocks = [matrix.data]
+    else:
+        blocks = (matrix[start : start + chunk] for start in range(0, matrix.shape[0], chunk))
+    for block in blocks:
         values = block.data if sp.issparse(block) else np.asarray(block)
         if not np.isfinite(values).all():
             raise ValueError(f"{where} contains NaN or infinite values; CellPLM needs finite raw counts.")
