@@ -107,6 +107,23 @@ def test_gene_bag_embedder_equals_dense_log1p_matmul(dense_above):
     assert torch.all(out[3] == 0)
 
 
+def test_gene_bag_embedder_default_paths_by_mode_agree():
+    """At 20 % density and D = 8 the default rule goes dense with gradients and sparse without."""
+    emb = GeneBagEmbedder(30, 8)
+    with torch.no_grad():
+        assert 0.2 < emb._dense_threshold()
+    assert emb._dense_threshold() < 0.2
+    counts = sp.random(20, 30, density=0.2, random_state=1, format="csr", dtype=np.float32) * 10
+    args = (
+        torch.tensor(counts.indptr).long(),
+        torch.tensor(counts.indices).long(),
+        torch.tensor(counts.data),
+    )
+    with torch.no_grad():
+        sparse = emb(*args)
+    torch.testing.assert_close(emb(*args), sparse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dense_above", [0.0, 1.0])
 def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows(dense_above):
     emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]), dense_above=dense_above)
