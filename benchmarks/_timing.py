@@ -350,8 +350,14 @@ def synthetic_counts(
 
 
 # ------------------------------------------------------------------ output
+def machine_summary(info: dict) -> str:
+    """``"<cpu>, <n> torch threads, torch <version>, <date>"`` for a table heading."""
+    return f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}"
+
+
 def write_results(name: str, results: dict, table_rows: list[str]) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; print the table."""
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the table, then the command line); print it."""
+    table_rows = [*table_rows, "", f"Command: `{results['machine']['command']}`"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -99,9 +99,8 @@ def main(argv=None) -> None:
     }
     info = results["machine"]
     table = [
-        f"Flow attention packing, {args.cells:,} cells in equal tissues, {info['cpu']}, "
-        f"{info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}; median of "
-        f"{args.repeats}. Default: one by one from {default} cells per tissue.",
+        f"Flow attention packing, {args.cells:,} cells in equal tissues, {T.machine_summary(info)}; "
+        f"median of {args.repeats}. Default: one by one from {default} cells per tissue.",
         "",
         "| D | cells per tissue | mode | one by one ms | all at once ms | faster |",
         "|---:|---:|---|---:|---:|---|",
@@ -111,7 +110,6 @@ def main(argv=None) -> None:
         f"{r['all_at_once_ms']:.1f} | {r['faster']} |"
         for r in rows
     ]
-    table += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, table)
 
 

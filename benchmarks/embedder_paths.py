@@ -102,8 +102,8 @@ def main(argv=None) -> None:
     }
     info = results["machine"]
     table = [
-        f"Embedder paths, {args.cells:,} cells x {args.genes:,} genes, {info['cpu']}, "
-        f"{info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}; median of {args.repeats}.",
+        f"Embedder paths, {args.cells:,} cells x {args.genes:,} genes, {T.machine_summary(info)}; "
+        f"median of {args.repeats}.",
         "",
         "| D | density | mode | bag ms | dense ms | faster | default choice |",
         "|---:|---:|---|---:|---:|---|---|",
@@ -113,7 +113,6 @@ def main(argv=None) -> None:
         f"{r['faster']} | {r['chosen_by_default']} |"
         for r in rows
     ]
-    table += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, table)
 
 

@@ -390,8 +390,7 @@ def main(argv=None) -> None:
     info = results["machine"]
     rows = [
         f"Embedding speed, {results['data']['n_cells']:,} cells x {results['data']['n_genes']:,} genes "
-        f"(tissues of {args.cells_per_tissue:,}), {info['cpu']}, {info['torch_threads']} torch threads, "
-        f"torch {info['torch']}, {info['date']}, load {quiet['load_1min']} at start; median of {args.repeats}; "
+        f"(tissues of {args.cells_per_tissue:,}), {T.machine_summary(info)}, load {quiet['load_1min']} at start; median of {args.repeats}; "
         f"ours in {'float32' if args.ours_precision == '32' else 'bfloat16 autocast'}.",
         "",
         "| config | measure | reference cells/s | ours cells/s | speed ours/ref | reference peak MiB | ours peak MiB | memory ours/ref |",
@@ -404,7 +403,6 @@ def main(argv=None) -> None:
             f"{s['speed_ratio_ours_over_reference']:.2f}x | {s['reference']['peak_mib']:,.0f} | "
             f"{s['ours']['peak_mib']:,.0f} | {s['memory_ratio_ours_over_reference']:.2f} |"
         )
-    rows += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, rows)
 
 

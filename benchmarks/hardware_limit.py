@@ -155,8 +155,7 @@ def main(argv=None) -> None:
     info = results["machine"]
     rows = [
         f"Hardware limit (encoder D={args.hidden}, {args.layers} flow layers, {args.heads} heads, {args.cells:,} cells), "
-        f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}, "
-        f"load {quiet['load_1min']} at start; median of {args.repeats}.",
+        f"{T.machine_summary(info)}, load {quiet['load_1min']} at start; median of {args.repeats}.",
         "",
         "| matmul n | matmul GFLOP/s | encoder GFLOP/s | encoder cells/s | fraction of matmul | target |",
         "|---:|---:|---:|---:|---:|---|",
@@ -166,8 +165,6 @@ def main(argv=None) -> None:
         "Top operators of one encoder pass (self CPU time): "
         + ", ".join(f"{k} {v['share']:.0%}" for k, v in list(breakdown.items())[:6])
         + ".",
-        "",
-        f"Command: `{info['command']}`",
     ]
     T.write_results(output, results, rows)
 

@@ -158,9 +158,8 @@ def main(argv=None) -> None:
 
     info = results["machine"]
     rows = [
-        f"Encoder scaling (D={args.hidden}, {args.layers} layers, {args.heads} heads, one tissue), {info['cpu']}, "
-        f"{info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}, load {quiet['load_1min']} "
-        f"at start; median of {args.repeats} passes.",
+        f"Encoder scaling (D={args.hidden}, {args.layers} layers, {args.heads} heads, one tissue), "
+        f"{T.machine_summary(info)}, load {quiet['load_1min']} at start; median of {args.repeats} passes.",
         "",
         "| cells | flow s/pass | flow µs/cell | flow peak MiB | softmax s/pass | softmax µs/cell | softmax peak MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -184,7 +183,6 @@ def main(argv=None) -> None:
             f"Flow time/cell at {lin['sizes'][0]:,} over 4,000 cells: {lin['time_per_cell_ratio']:.2f} "
             f"(target <= 1.3: {'met' if lin['met'] else 'missed'}).",
         ]
-    rows += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, rows)
 
 

@@ -294,8 +294,7 @@ def main(argv=None) -> None:
 
     info = results["machine"]
     rows = [
-        f"Training speed, {info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, "
-        f"scvi-tools {info.get('scvi_tools')}, {info['date']}, load {quiet['load_1min']} at start; "
+        f"Training speed, {T.machine_summary(info)}, scvi-tools {info.get('scvi_tools')}, load {quiet['load_1min']} at start; "
         f"median over epochs 2..E and {args.repeats} alternating runs.",
         "",
         "| data | n_train | system | served cells/s | cells in forward/s | served cells/s (epoch wall) | peak MiB |",
@@ -323,7 +322,6 @@ def main(argv=None) -> None:
         for label, r in results["memory_bound"].items():
             peaks = " | ".join(f"{r[a]:,.0f}" for a in ALLOCATORS)
             rows.append(f"| {label} | {r['n_cells']:,} | {peaks} |")
-    rows += ["", f"Command: `{info['command']}`"]
     T.write_results(output, results, rows)
 
 
