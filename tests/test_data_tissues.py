@@ -213,3 +213,38 @@ def test_packed_tissues_never_share_attention(sizes, seed):
     for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
         alone = encoder(x[start:stop], torch.tensor([0, stop - start]))
         torch.testing.assert_close(packed[start:stop], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [np.arange(30), np.arange(5, 17), np.array([3, 1, 8, 2]), np.array([4])])
+def test_read_rows_matches_indexing_and_never_shares_the_input(rows):
+    import scipy.sparse as sp
+
+    from cellplm_scvi.data import read_rows
+
+    counts = sp.random(30, 9, density=0.3, random_state=0, format="csr", dtype=np.float32)
+    for matrix in (counts, counts.toarray()):
+        block = read_rows(matrix, rows)
+        assert block.dtype == np.float32
+        np.testing.assert_array_equal(block.toarray(), counts.toarray()[rows])
+        block.data[:] = -1  # writing to the result leaves the input alone
+        assert counts.data.min() >= 0
+
+
+@pytest.mark.parametrize("layout", ["batches_concatenated", "batches_interleaved"])
+def test_measured_genes_are_the_genes_seen_in_each_batch(layout):
+    import scipy.sparse as sp
+
+    from cellplm_scvi.data import measured_genes
+
+    rng = np.random.default_rng(1)
+    codes = np.repeat(np.arange(4), 50)
+    if layout == "batches_interleaved":
+        codes = rng.permutation(codes)
+    dense = rng.poisson(0.05, size=(200, 40)).astype(np.float32)
+    dense[codes == 2, :10] = 0  # genes 0-9 not measured in batch 2
+    counts = sp.csr_matrix(dense)
+    counts.data[::7] = 0  # explicitly stored zeros do not count as measured
+    expected = np.stack([(counts.toarray()[codes == b] != 0).any(0) for b in range(4)])
+    assert not expected[2, :10].any() and expected.any(1).all()
+    for matrix in (counts, counts.toarray()):
+        np.testing.assert_array_equal(measured_genes(matrix, codes, 4, chunk=64), expected)

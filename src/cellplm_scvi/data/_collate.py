@@ -28,13 +28,15 @@ def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     -------
     ``(N, G)`` CSR matrix.
     """
-    if isinstance(matrix, sp.csr_matrix | sp.csr_array | np.ndarray):
+    if len(rows) > 1 and np.all(np.diff(rows) == 1):
+        block = matrix[rows[0] : rows[-1] + 1]  # a run of rows: one slice, no gather
+    elif isinstance(matrix, sp.csr_matrix | sp.csr_array | np.ndarray):
         block = matrix[rows]
     else:  # backed matrices read increasing rows only
         order = np.argsort(rows)
         block = matrix[rows[order]]
         block = block[np.argsort(order)]
-    return sp.csr_matrix(block, dtype=np.float32)
+    return sp.csr_matrix(block, dtype=np.float32, copy=block is matrix)  # never share the caller's arrays
 
 
 def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 10_000) -> np.ndarray:
@@ -42,9 +44,14 @@ def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 1
 
     A gene that is zero in every cell of a batch (e.g. absent from that batch's panel after an
     outer join) is treated as not measured there: it is neither masked nor scored for those cells.
-    Read in row chunks, so dense and backed inputs never load whole.
+    An in-memory CSR matrix whose cells come in runs of one batch (e.g. batches concatenated) is
+    read in place, run by run; otherwise rows are read in chunks, so dense and backed inputs never
+    load whole.
     """
     n_obs, n_genes = matrix.shape
+    run_starts = np.flatnonzero(np.diff(batch_codes)) + 1
+    if isinstance(matrix, sp.csr_matrix | sp.csr_array) and len(run_starts) < max(n_batch, n_obs // 100):
+        return _measured_genes_by_runs(matrix, batch_codes, n_batch, run_starts)
     counts = np.zeros((n_batch, n_genes), dtype=np.int64)
     for start in range(0, n_obs, chunk):
         rows = np.arange(start, min(start + chunk, n_obs))
@@ -56,6 +63,21 @@ def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 1
         )
         counts += (onehot @ block).toarray().astype(np.int64)
     return counts > 0
+
+
+def _measured_genes_by_runs(
+    matrix: sp.csr_matrix, batch_codes: np.ndarray, n_batch: int, run_starts: np.ndarray
+) -> np.ndarray:
+    """:func:`measured_genes` of a CSR matrix from the stored entries of each run of one batch."""
+    measured = np.zeros((n_batch, matrix.shape[1]), dtype=bool)
+    bounds = np.concatenate([[0], run_starts, [matrix.shape[0]]])
+    for first, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        lo, hi = matrix.indptr[first], matrix.indptr[stop]
+        genes, values = matrix.indices[lo:hi], matrix.data[lo:hi]
+        if not values.all():
+            genes = genes[values != 0]
+        measured[batch_codes[first]] |= np.bincount(genes, minlength=matrix.shape[1]).astype(bool)
+    return measured
 
 
 @dataclass
@@ -137,17 +159,16 @@ class TokenSetDataset(Dataset):
         else:
             coords = np.zeros((len(cells), 2))
             has_coords = np.zeros(len(cells), dtype=bool)
+        tensor = lambda array, dtype: torch.from_numpy(np.asarray(array).astype(dtype, copy=False))
         return {
-            BATCH_KEYS.OBS_INDEX: torch.from_numpy(
-                cells.astype(np.int64)
-            ),  # first: Lightning reads N from it
-            BATCH_KEYS.X_INDPTR: torch.from_numpy(counts.indptr.astype(np.int64)),
-            BATCH_KEYS.X_INDICES: torch.from_numpy(counts.indices.astype(np.int64)),
-            BATCH_KEYS.X_DATA: torch.from_numpy(counts.data.astype(np.float32)),
-            BATCH_KEYS.BATCH: torch.from_numpy(batch.astype(np.int64)),
-            BATCH_KEYS.SEGMENT_PTR: torch.from_numpy(segment_ptr.astype(np.int64)),
-            BATCH_KEYS.COORDS: torch.from_numpy(coords.astype(np.float32)),
+            BATCH_KEYS.OBS_INDEX: tensor(cells, np.int64),  # first: Lightning reads N from it
+            BATCH_KEYS.X_INDPTR: tensor(counts.indptr, np.int64),
+            BATCH_KEYS.X_INDICES: tensor(counts.indices, np.int64),
+            BATCH_KEYS.X_DATA: tensor(counts.data, np.float32),
+            BATCH_KEYS.BATCH: tensor(batch, np.int64),
+            BATCH_KEYS.SEGMENT_PTR: tensor(segment_ptr, np.int64),
+            BATCH_KEYS.COORDS: tensor(coords, np.float32),
             BATCH_KEYS.HAS_COORDS: torch.from_numpy(has_coords),
             BATCH_KEYS.MEASURED: torch.from_numpy(self.data.measured[batches_here]),
-            BATCH_KEYS.MEASURED_ROW: torch.from_numpy(measured_row.astype(np.int64)),
+            BATCH_KEYS.MEASURED_ROW: tensor(measured_row, np.int64),
         }

@@ -37,7 +37,8 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
         return cache[(max_cells_per_tissue, seed)]
     batch = _codes(adata_manager, REGISTRY_KEYS.BATCH_KEY)
     fov = _codes(adata_manager, CELLPLM_REGISTRY_KEYS.FOV_KEY)
-    tissue = np.unique(np.stack([batch, fov], axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+    pair = batch * (int(fov.max(initial=0)) + 1) + fov  # (batch, fov) in lexicographic order
+    tissue = np.unique(pair, return_inverse=True)[1].reshape(-1)
     coords = None
     if CELLPLM_REGISTRY_KEYS.SPATIAL_KEY in adata_manager.data_registry:
         coords = np.asarray(
