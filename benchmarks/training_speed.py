@@ -3,6 +3,7 @@
 Run from the repository root, with ``../shared/data`` beside it::
 
     python benchmarks/training_speed.py           # pancreas + 100,000 generated cells (~9 min, 2 cores)
+    python benchmarks/training_speed.py --datasets many_genes --skip-memory-bound   # 10,000 genes (~4 min)
     python benchmarks/training_speed.py --quick   # smoke run, < 1 min
 
 Systems, each with its defaults except ``max_epochs``:
@@ -15,7 +16,9 @@ Systems, each with its defaults except ``max_epochs``:
 
 Data: ``../shared/data/pancreas_endocrinogenesis_mouse`` (3,696 cells x 2,000 genes, layer
 ``counts``, no batch key), and generated negative-binomial counts (``--cells`` cells x 2,000 genes,
-~90 % zeros, batches of ``--cells-per-batch`` cells registered as ``batch_key`` for both).
+~90 % zeros, batches of ``--cells-per-batch`` cells registered as ``batch_key`` for both); with
+``--datasets many_genes``, the same generator at ``--many-genes-cells`` cells x ``--many-genes``
+genes (default 20,000 x 10,000: the decoder and the reconstruction loss then dominate a step).
 
 How cells/s is counted, per epoch, from Lightning callbacks:
 
@@ -130,6 +133,7 @@ def worker(task: dict) -> dict:
     measured = epochs[1:] or epochs
     return {
         "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars,
         "n_train": n_train,
         "epochs": epochs,
         "train_call_seconds": total,
@@ -200,8 +204,16 @@ def main(argv=None) -> None:
         "--repeats", type=int, default=2, help="alternating fresh-process repeats (default 2)"
     )
     parser.add_argument(
-        "--datasets", nargs="+", default=["pancreas", "synthetic"], choices=["pancreas", "synthetic"]
+        "--datasets",
+        nargs="+",
+        default=["pancreas", "synthetic"],
+        choices=["pancreas", "synthetic", "many_genes"],
     )
+    parser.add_argument(
+        "--many-genes-cells", type=int, default=20_000, help="many_genes: cells (default 20000)"
+    )
+    parser.add_argument("--many-genes", type=int, default=10_000, help="many_genes: genes (default 10000)")
+    parser.add_argument("--many-genes-epochs", type=int, default=3)
     parser.add_argument("--skip-memory-bound", action="store_true", help="skip the memory-bound runs")
     T.add_run_arguments(parser, "pancreas and 5,000 generated cells, 2 epochs, 1 repeat")
     args = parser.parse_args(argv)
@@ -224,18 +236,17 @@ def main(argv=None) -> None:
                 "batch_key": None,
                 "epochs": args.pancreas_epochs,
             }
-        if "synthetic" in args.datasets:
-            print(f"generating {args.cells:,} cells ...", flush=True)
-            adata = T.synthetic_counts(args.cells, 2000, args.cells_per_batch, seed=0)
-            synthetic_path = workdir / "synthetic.h5ad"
-            adata.write_h5ad(synthetic_path)
-            del adata
-            datasets["synthetic"] = {
-                "data_path": str(synthetic_path),
-                "layer": None,
-                "batch_key": "batch",
-                "epochs": args.synthetic_epochs,
-            }
+        generated = {
+            "synthetic": (args.cells, 2000, args.synthetic_epochs),
+            "many_genes": (args.many_genes_cells, args.many_genes, args.many_genes_epochs),
+        }
+        for name, (n_cells, n_genes, epochs) in generated.items():
+            if name not in args.datasets:
+                continue
+            print(f"generating {n_cells:,} cells x {n_genes:,} genes ...", flush=True)
+            path = workdir / f"{name}.h5ad"
+            T.synthetic_counts(n_cells, n_genes, args.cells_per_batch, seed=0).write_h5ad(path)
+            datasets[name] = {"data_path": str(path), "layer": None, "batch_key": "batch", "epochs": epochs}
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
         results = {
             "benchmark": "training_speed",
@@ -271,6 +282,7 @@ def main(argv=None) -> None:
                     )
                 }
                 summary[system]["n_train"] = rs[0]["n_train"]
+            summary["n_genes"] = runs["ours"][0]["n_genes"]
             summary["served_ratio_ours_over_scvi"] = round(
                 summary["ours"]["served_cells_per_s"] / summary["scvi"]["served_cells_per_s"], 2
             )
@@ -297,18 +309,18 @@ def main(argv=None) -> None:
         f"Training speed, {T.machine_summary(info)}, scvi-tools {info.get('scvi_tools')}, load {quiet['load_1min']} at start; "
         f"median over epochs 2..E and {args.repeats} alternating runs.",
         "",
-        "| data | n_train | system | served cells/s | cells in forward/s | served cells/s (epoch wall) | peak MiB |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| data | genes | n_train | system | served cells/s | cells in forward/s | served cells/s (epoch wall) | peak MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for name, s in results["summary"].items():
         for system in ("ours", "scvi"):
             r = s[system]
             rows.append(
-                f"| {name} | {r['n_train']:,} | {system} | {r['served_cells_per_s']:,.0f} | "
+                f"| {name} | {s['n_genes']:,} | {r['n_train']:,} | {system} | {r['served_cells_per_s']:,.0f} | "
                 f"{r['forward_cells_per_s']:,.0f} | {r['served_cells_per_epoch_s']:,.0f} | {r['peak_mib']:,.0f} |"
             )
         rows.append(
-            f"| {name} | | ours/scVI | {s['served_ratio_ours_over_scvi']:.2f}x | "
+            f"| {name} | | | ours/scVI | {s['served_ratio_ours_over_scvi']:.2f}x | "
             f"{s['forward_ratio_ours_over_scvi']:.2f}x | {s['epoch_wall_ratio_ours_over_scvi']:.2f}x | |"
         )
     if "memory_bound" in results:

@@ -78,6 +78,13 @@ def test_no_masking_and_deterministic_output_in_eval():
     torch.testing.assert_close(a["z"], b["z"])
 
 
+def _dense_nb_loss(logits, library, theta, measured, weights, x):
+    """The reconstruction formula with scvi-tools' dense negative binomial, for comparison."""
+    mu = library * torch.softmax(logits.masked_fill(~measured, -torch.inf), -1)
+    nll = -NegativeBinomial(mu=mu, theta=theta).log_prob(x)
+    return (torch.where(measured, nll, 0.0) * weights).sum(-1)
+
+
 def test_loss_matches_the_documented_formula():
     measured = np.ones((2, 10), dtype=bool)
     measured[1, 5:] = False
@@ -85,19 +92,52 @@ def test_loss_matches_the_documented_formula():
     module = CellPLMModule(10, 2, full_profile_weight=0.5, **SMALL).train()
     torch.manual_seed(0)
     inf, gen, loss = module(tensors, loss_kwargs={"kl_weight": 0.3})
-    x = dense_counts(tensors, 10)
-    meas = tensors[K.MEASURED][tensors[K.MEASURED_ROW]]
-    logits = gen["px_logits"].masked_fill(~meas, -torch.inf)
-    mu = x.sum(-1, keepdim=True) * torch.softmax(logits, -1)
-    nll = -NegativeBinomial(mu=mu, theta=module.log_dispersion.exp()).log_prob(x)
-    nll = torch.where(meas, nll, 0.0)
     cells, entries = inf["masked_cells"], inf["masked_entries"]
-    rec = (nll * entries).sum(-1) + 0.5 * cells * (nll * meas).sum(-1)
+    assert gen["px_logits"].shape == (int(cells.sum()), 10)  # only the scored cells are decoded
+    x = dense_counts(tensors, 10)[cells]
+    meas = tensors[K.MEASURED][tensors[K.MEASURED_ROW]][cells]
+    weights = entries[cells].float() + 0.5 * meas.float()
+    theta = module.log_dispersion.exp()
+    rec = torch.zeros(20).index_put(
+        (cells.nonzero()[:, 0],),
+        _dense_nb_loss(gen["px_logits"], x.sum(-1, keepdim=True), theta, meas, weights, x),
+    )
     kl = module.latent.kl(inf["latent"])
     expected = rec.sum() / cells.sum() + 0.3 * (kl["kl_z"] + kl["kl_y"]).mean()
     torch.testing.assert_close(loss.loss, expected)
     torch.testing.assert_close(loss.reconstruction_loss["reconstruction_loss"], rec)
     assert loss.n_obs_minibatch == 20
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_nb_loss_and_gradients_match_the_dense_formula(masked, monkeypatch):
+    from cellplm_scvi.module import _likelihood
+
+    monkeypatch.setattr(_likelihood, "CHUNK_ENTRIES", 25)  # chunks of 2 cells
+    torch.manual_seed(0)
+    n_cells, n_genes = 7, 12
+    x = torch.poisson(torch.rand(n_cells, n_genes) * 3) * (torch.rand(n_cells, n_genes) < 0.6)
+    x[3] = 0  # a cell without counts
+    measured = torch.rand(n_cells, n_genes) < 0.8
+    measured[:, 0] = True
+    x = x * measured
+    mask = (torch.rand(n_cells, n_genes) < 0.3) & measured if masked else None
+    weights = measured.double() if mask is None else mask.double() + 0.7 * measured.double()
+    library = x.sum(-1, keepdim=True)
+    logits = torch.randn(n_cells, n_genes, dtype=torch.float64, requires_grad=True)
+    log_theta = torch.randn(n_genes, dtype=torch.float64, requires_grad=True)
+    rows, cols = x.nonzero(as_tuple=True)
+    got = _likelihood.nb_reconstruction(
+        logits, library.double(), log_theta.exp(), measured, mask, 0.7, (rows, cols, x[rows, cols].double())
+    )
+    want = _dense_nb_loss(logits, library.double(), log_theta.exp(), measured, weights, x.double())
+    torch.testing.assert_close(got, want)
+    upstream = torch.rand(n_cells, dtype=torch.float64)
+    grads = torch.autograd.grad((got * upstream).sum(), (logits, log_theta))
+    expected = torch.autograd.grad((want * upstream).sum(), (logits, log_theta))
+    for g, e in zip(grads, expected, strict=True):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(g, e)
 
 
 def test_mse_likelihood_and_deterministic_latent():
@@ -146,3 +186,38 @@ def test_positional_encoding_reaches_the_encoder_and_can_be_switched_off():
         off.inference(**off._get_inference_input(tensors))["z"],
         off.inference(**off._get_inference_input(moved))["z"],
     )
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.25, 0.8, 1.0])
+def test_bernoulli_mask_rate_shape_and_seed(rate):
+    from cellplm_scvi.module._module import bernoulli_mask
+
+    torch.manual_seed(3)
+    mask = bernoulli_mask((500, 800), rate, torch.device("cpu"))
+    assert mask.shape == (500, 800) and mask.dtype == torch.bool
+    tolerance = 5 * (rate * (1 - rate) / mask.numel()) ** 0.5  # five standard errors
+    assert abs(mask.float().mean().item() - rate) <= tolerance
+    if 0 < rate < 1:
+        columns = mask.float().mean(0)  # column j reads lane j % 4 of the 64-bit draws: no lane is biased
+        assert abs(columns[::4].mean() - columns[1::4].mean()) < 10 * tolerance
+        torch.manual_seed(3)
+        assert torch.equal(bernoulli_mask((500, 800), rate, torch.device("cpu")), mask)
+
+
+def test_training_step_under_bfloat16_autocast_matches_float32():
+    tensors = make_batch()
+    module = CellPLMModule(10, 2, **SMALL).train()
+    losses, grads = [], []
+    for autocast in (False, True):
+        torch.manual_seed(0)  # same masks and dropout
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = module(tensors)[2].loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.parameters() if p.grad is not None]))
+        module.zero_grad()
+    assert losses[1].dtype == torch.float32
+    torch.testing.assert_close(losses[1], losses[0], rtol=0.05, atol=0.0)
+    assert torch.isfinite(grads[1]).all() and grads[1].numel() == grads[0].numel()
+    # bfloat16 rounding in every layer of a small random model: same direction, not the same values
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.7
