@@ -50,7 +50,8 @@ def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 1
     """
     n_obs, n_genes = matrix.shape
     run_starts = np.flatnonzero(np.diff(batch_codes)) + 1
-    if isinstance(matrix, sp.csr_matrix | sp.csr_array) and len(run_starts) < max(n_batch, n_obs // 100):
+    few_runs = len(run_starts) < max(n_batch, n_obs // 100)
+    if n_obs and few_runs and isinstance(matrix, sp.csr_matrix | sp.csr_array):
         return _measured_genes_by_runs(matrix, batch_codes, n_batch, run_starts)
     counts = np.zeros((n_batch, n_genes), dtype=np.int64)
     for start in range(0, n_obs, chunk):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from cellplm_scvi._constants import BATCH_KEYS
@@ -92,7 +94,7 @@ class _ChunkedNegativeBinomialNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, theta, library, measured, masked, full_weight, rows, cols, counts, eps):
-        inputs = (logits, theta, library, measured, masked, rows, cols, counts)
+        inputs = _Inputs(logits, theta, library, measured, masked, rows, cols, counts)
         ctx.save_for_backward(*inputs)
         ctx.full_weight, ctx.eps = full_weight, eps
         out = logits.new_empty(logits.shape[0], dtype=_compute_dtype(logits))
@@ -113,8 +115,8 @@ class _ChunkedNegativeBinomialNLL(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        inputs = ctx.saved_tensors
-        logits, theta, eps = inputs[0], inputs[1], ctx.eps
+        inputs = _Inputs(*ctx.saved_tensors)
+        logits, theta, eps = inputs.logits, inputs.theta, ctx.eps
         grad_logits = torch.empty_like(logits)
         grad_theta = torch.zeros_like(theta)
         log_theta = torch.log(theta + eps)
@@ -141,10 +143,23 @@ class _ChunkedNegativeBinomialNLL(torch.autograd.Function):
         return grad_logits, grad_theta, *([None] * 8)
 
 
+class _Inputs(NamedTuple):
+    """The tensors :class:`_ChunkedNegativeBinomialNLL` works from (see :func:`nb_reconstruction`)."""
+
+    logits: torch.Tensor
+    theta: torch.Tensor
+    library: torch.Tensor
+    measured: torch.Tensor
+    masked: torch.Tensor | None
+    rows: torch.Tensor
+    cols: torch.Tensor
+    counts: torch.Tensor
+
+
 class _Chunk:
     """What a row chunk of :class:`_ChunkedNegativeBinomialNLL` recomputes from its inputs."""
 
-    def __init__(self, inputs: tuple, full_weight: float, eps: float, cells: slice, entry_span: slice):
+    def __init__(self, inputs: _Inputs, full_weight: float, eps: float, cells: slice, entry_span: slice):
         logits, theta, library, measured, masked, rows, cols, counts = inputs
         self.cells = cells
         keep = measured[cells]
@@ -164,9 +179,9 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.promote_types(logits.dtype, torch.float32)
 
 
-def _row_chunks(inputs: tuple, full_weight: float, eps: float):
+def _row_chunks(inputs: _Inputs, full_weight: float, eps: float):
     """Row chunks of about :data:`CHUNK_ENTRIES` entries, each with the span of its stored counts."""
-    (n_cells, n_genes), rows = inputs[0].shape, inputs[5]
+    (n_cells, n_genes), rows = inputs.logits.shape, inputs.rows
     step = max(1, CHUNK_ENTRIES // max(n_genes, 1))
     bounds = list(range(0, n_cells, step)) + [n_cells]
     spans = torch.searchsorted(rows, torch.tensor(bounds, device=rows.device)).tolist()
