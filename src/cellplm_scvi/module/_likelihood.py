@@ -32,9 +32,9 @@ def library_sizes(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 CHUNK_ENTRIES = 1 << 19
-"""Matrix entries per row chunk of :func:`nb_reconstruction`: 2 MiB per float32 temporary, small
-enough to stay in a core's L2 cache (on the 2-core benchmark machine, 2^19 and 2^20 gave the
-fastest training steps at 10,000 genes; 2^18 and 2^21 were 10–20 % slower)."""
+"""Matrix entries per row chunk of :func:`nb_reconstruction`: 2 MiB per float32 temporary, about
+a core's L2 cache on the 2-core benchmark machine, where 2^19 and 2^20 gave the fastest training
+steps at 10,000 genes and 2^18 and 2^21 were 10–20 % slower."""
 
 
 def nb_reconstruction(
