@@ -255,10 +255,12 @@ class CellPLMModule(BaseModuleClass):
         Returns
         -------
         dict with ``z`` (``(N, L)`` or ``(S, N, L)``), ``qz`` (``Normal`` or ``None``), ``latent``
-        (:class:`~cellplm_scvi.nn.LatentOutput`), ``masked_cells`` (``(N,)`` bool or ``None``) and
-        ``masked_entries`` (``(N, G)`` bool or ``None``).
+        (:class:`~cellplm_scvi.nn.LatentOutput`), ``masked_cells`` (``(N,)`` bool or ``None``),
+        ``scored_cells`` (``(S,)`` positions of the masked cells, the ones the loss scores and the
+        generative step decodes; ``None`` for all cells) and ``masked_entries`` (``(N, G)`` bool or
+        ``None``).
         """
-        masked_cells = masked_entries = None
+        masked_cells = scored_cells = masked_entries = None
         values = x_data
         if self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0:
             masked_cells, masked_entries = self._mask(
@@ -269,6 +271,7 @@ class CellPLMModule(BaseModuleClass):
                 }
             )
             values = x_data.masked_fill(masked_entries[entry_rows(x_indptr), x_indices], 0.0)
+            scored_cells = masked_cells.nonzero().squeeze(1)
         h = self.embedder(x_indptr, x_indices, values)
         if self.positional_encoding is not None:
             token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()
@@ -281,21 +284,16 @@ class CellPLMModule(BaseModuleClass):
             "qz": latent.qz,
             "latent": latent,
             "masked_cells": masked_cells,
+            "scored_cells": scored_cells,
             "masked_entries": masked_entries,
         }
 
     # ------------------------------------------------------------- generative
-    @staticmethod
-    def _scored_cells(inference_outputs: dict) -> torch.Tensor | None:
-        """``(S,)`` positions of the cells the loss scores (the masked ones in training), or ``None`` for all."""
-        masked_cells = inference_outputs["masked_cells"]
-        return None if masked_cells is None else masked_cells.nonzero().squeeze(1)
-
     def _get_generative_input(
         self, tensors: dict[str, torch.Tensor], inference_outputs: dict, **kwargs
     ) -> dict:
         z, batch_index = inference_outputs["z"], tensors[BATCH_KEYS.BATCH]
-        scored = self._scored_cells(inference_outputs)
+        scored = inference_outputs["scored_cells"]
         if scored is not None:  # in training, only the cells the loss scores are decoded
             z, batch_index = z[..., scored, :], batch_index[scored]
         return {"z": z, "batch_index": batch_index}
@@ -393,14 +391,12 @@ class CellPLMModule(BaseModuleClass):
         measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
         measured = measured | ~measured.any(-1, keepdim=True)  # a batch without any count: score every gene
         n_cells = measured.shape[0]
-        scored = self._scored_cells(inference_outputs)
-        px_logits = generative_outputs["px_logits"]
+        scored = inference_outputs["scored_cells"]
+        px_logits = generative_outputs["px_logits"]  # of the scored cells only
         if scored is None:
             scored, masked = torch.arange(n_cells, device=measured.device), None
         else:  # only masked cells are decoded and scored; the others' loss is not computed at all
             masked = inference_outputs["masked_entries"][scored]
-            if px_logits.shape[0] == n_cells:  # decoded for every cell by a caller of its own
-                px_logits = px_logits[scored]
         scored_loss = self._reconstruction(tensors, px_logits, scored, measured[scored], masked)
         reconstruction = scored_loss.new_zeros(n_cells).index_put((scored,), scored_loss)
         n_scored = max(scored.numel(), 1)
