@@ -17,6 +17,7 @@ from cellplm_scvi.nn import (
     Sinusoidal2dEncoding,
     SoftmaxAttention,
 )
+from cellplm_scvi.nn._embedder import _bag_block_columns
 
 
 def naive_flow(attn: FlowAttention, x: torch.Tensor) -> torch.Tensor:
@@ -45,12 +46,17 @@ def packed():
     return torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
 
 
+@pytest.mark.parametrize(
+    "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
+)
 @pytest.mark.parametrize("loop_above", [0, 10**9], ids=["tissue-by-tissue", "packed"])
-def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above):
+def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above, grad_mode):
     x, ptr = packed
     attn = FlowAttention(16, 4)
     attn.loop_above_cells_per_tissue = loop_above
-    out = attn(x, ptr)
+    with grad_mode():
+        out = attn(x, ptr)
+    assert out.requires_grad == (grad_mode is torch.enable_grad)
     for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
         torch.testing.assert_close(out[start:stop], naive_flow(attn, x[start:stop]), atol=1e-5, rtol=1e-5)
 
@@ -122,6 +128,30 @@ def test_gene_bag_embedder_default_paths_by_mode_agree():
     with torch.no_grad():
         sparse = emb(*args)
     torch.testing.assert_close(emb(*args), sparse, atol=1e-5, rtol=1e-5)
+
+
+def test_bag_block_columns_keep_a_block_near_one_mebibyte():
+    assert _bag_block_columns(2000) == 128  # 1,000 KB
+    assert _bag_block_columns(100) == 2048
+    assert _bag_block_columns(20_000) == 32  # the floor: 2.4 MiB
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["all-rows", "gene-subset"])
+def test_gene_bag_embedder_in_column_blocks_equals_dense_log1p_matmul(subset):
+    """Without gradients a wide table is read in blocks of 32 columns (9,000 rows): 3 blocks at D = 96."""
+    n_table, n_inputs = 9000, 300
+    rows = torch.randperm(n_table)[:n_inputs] if subset else None
+    emb = GeneBagEmbedder(n_table, 96, gene_rows=rows, dense_above=1.0)
+    counts = sp.random(40, n_inputs if subset else n_table, density=0.05, random_state=2, format="csr") * 20
+    with torch.inference_mode():
+        out = emb(
+            torch.tensor(counts.indptr).long(),
+            torch.tensor(counts.indices).long(),
+            torch.tensor(counts.data).float(),
+        )
+    table = emb.genes.weight.detach() if rows is None else emb.genes.weight.detach()[rows]
+    expected = torch.log1p(torch.tensor(counts.toarray()).float()) @ table
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0])
