@@ -190,7 +190,7 @@ def test_positional_encoding_reaches_the_encoder_and_can_be_switched_off():
 
 @pytest.mark.parametrize("rate", [0.0, 0.01, 0.25, 0.8, 1.0])
 def test_bernoulli_mask_rate_shape_and_seed(rate):
-    from cellplm_scvi.module._module import bernoulli_mask
+    from cellplm_scvi.nn._dropout import bernoulli_mask
 
     torch.manual_seed(3)
     mask = bernoulli_mask((500, 800), rate, torch.device("cpu"))
@@ -221,3 +221,24 @@ def test_training_step_under_bfloat16_autocast_matches_float32():
     assert torch.isfinite(grads[1]).all() and grads[1].numel() == grads[0].numel()
     # bfloat16 rounding in every layer of a small random model: same direction, not the same values
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.7
+
+
+def test_stored_entries_are_the_csr_entries_of_the_chosen_cells():
+    import scipy.sparse as sp
+
+    from cellplm_scvi.module._likelihood import stored_entries
+
+    counts = sp.random(30, 15, density=0.3, random_state=4, format="csr") * 10
+    counts[7] = 0  # a chosen cell without entries
+    counts = sp.csr_matrix(counts)
+    tensors = {
+        K.X_INDPTR: torch.tensor(counts.indptr).long(),
+        K.X_INDICES: torch.tensor(counts.indices).long(),
+        K.X_DATA: torch.tensor(counts.data).float(),
+    }
+    cells = torch.tensor([0, 3, 7, 8, 21, 29])
+    rows, cols, values = stored_entries(tensors, cells)
+    chosen = counts[cells.numpy()].tocoo()
+    assert torch.equal(rows, torch.tensor(chosen.row).long())
+    assert torch.equal(cols, torch.tensor(chosen.col).long())
+    torch.testing.assert_close(values, torch.tensor(chosen.data).float())

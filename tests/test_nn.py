@@ -9,6 +9,7 @@ from torch.distributions import Normal, kl_divergence
 
 from cellplm_scvi.nn import (
     CellEncoder,
+    Dropout,
     FlowAttention,
     GaussianMixtureLatent,
     GeneBagEmbedder,
@@ -214,3 +215,21 @@ def test_latents_are_deterministic_in_eval_and_sampled_in_training():
     assert not torch.allclose(layer(h).z, layer(h).z)
     kl = layer.kl(LatentOutput(Normal(torch.zeros(2, 3), torch.ones(2, 3)), torch.zeros(2, 3)))["kl_z"]
     torch.testing.assert_close(kl, torch.zeros(2))
+
+
+def test_dropout_zeroes_at_rate_scales_survivors_and_is_identity_in_eval():
+    drop = Dropout(0.2)
+    assert isinstance(drop, torch.nn.Dropout)
+    x = torch.full((400, 300), 2.0, requires_grad=True)
+    torch.manual_seed(5)
+    out = drop(x)
+    kept = out != 0
+    tolerance = 5 * (0.2 * 0.8 / x.numel()) ** 0.5  # five standard errors
+    assert abs(1 - kept.float().mean().item() - 0.2) <= tolerance
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0 / 0.8))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.8)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), out)  # seeded like the rest of torch
+    drop.eval()
+    assert drop(x) is x

@@ -11,10 +11,7 @@ from cellplm_scvi._constants import BATCH_KEYS
 
 def entry_rows(indptr: torch.Tensor) -> torch.Tensor:
     """``(nnz,)`` row of each stored entry of a CSR matrix with row pointer ``indptr``."""
-    n_rows = indptr.numel() - 1
-    return torch.repeat_interleave(
-        torch.arange(n_rows, device=indptr.device), indptr.diff(), output_size=int(indptr[-1])
-    )
+    return torch.repeat_interleave(indptr.diff(), output_size=int(indptr[-1]))
 
 
 def dense_counts(tensors: dict[str, torch.Tensor], n_genes: int) -> torch.Tensor:
@@ -98,18 +95,17 @@ class _ChunkedNegativeBinomialNLL(torch.autograd.Function):
         ctx.save_for_backward(*inputs)
         ctx.full_weight, ctx.eps = full_weight, eps
         out = logits.new_empty(logits.shape[0], dtype=_compute_dtype(logits))
-        log_theta = torch.log(theta + eps)
+        log_theta, lgamma_theta = torch.log(theta + eps), torch.lgamma(theta)
         for chunk in _row_chunks(inputs, full_weight, eps):
             w, mu, log_theta_mu, (r, c, x) = chunk.weights, chunk.mu, chunk.log_theta_mu, chunk.entries
             dense = (w * theta * (log_theta - log_theta_mu)).sum(-1)
-            theta_c = theta[c]
             stored = (
-                torch.lgamma(x + theta_c)
-                - torch.lgamma(theta_c)
+                torch.lgamma(x + theta.index_select(0, c))
+                - lgamma_theta.index_select(0, c)
                 - torch.lgamma(x + 1.0)
-                + x * (torch.log(mu[r, c] + eps) - log_theta_mu[r, c])
+                + x * (torch.log(chunk.at_entries(mu) + eps) - chunk.at_entries(log_theta_mu))
             )
-            out[chunk.cells] = -dense.index_add_(0, r, w[r, c] * stored)
+            out[chunk.cells] = -dense.index_add_(0, r, chunk.at_entries(w) * stored)
         return out
 
     @staticmethod
@@ -119,25 +115,24 @@ class _ChunkedNegativeBinomialNLL(torch.autograd.Function):
         logits, theta, eps = inputs.logits, inputs.theta, ctx.eps
         grad_logits = torch.empty_like(logits)
         grad_theta = torch.zeros_like(theta)
-        log_theta = torch.log(theta + eps)
+        log_theta, digamma_theta = torch.log(theta + eps), torch.digamma(theta)
         for chunk in _row_chunks(inputs, ctx.full_weight, eps):
             w, mu, log_theta_mu, (r, c, x) = chunk.weights, chunk.mu, chunk.log_theta_mu, chunk.entries
-            theta_mu = theta + mu + eps
+            theta_mu = chunk.theta_mu
             upstream = grad_out[chunk.cells, None]
+            w_stored = chunk.at_entries(w) * upstream[:, 0].index_select(0, r)
+            theta_mu_stored = chunk.at_entries(theta_mu)
             # d/d mu of the per-entry loss: the zero-count term everywhere, the count terms where stored
             d_mu = w * theta / theta_mu
-            d_mu.index_put_(
-                (r, c), -w[r, c] * x * (1.0 / (mu[r, c] + eps) - 1.0 / theta_mu[r, c]), accumulate=True
-            )
             d_mu *= upstream
+            d_mu.view(-1).index_add_(
+                0, chunk.flat, -w_stored * x * (1.0 / (chunk.at_entries(mu) + eps) - 1.0 / theta_mu_stored)
+            )
             # mu = library * softmax(logits): d/d logits = mu * (d_mu - <d_mu, rho>)
             grad_logits[chunk.cells] = mu * (d_mu - (d_mu * chunk.rho).sum(-1, keepdim=True))
             d_theta = w * upstream * (log_theta - log_theta_mu + theta / (theta + eps) - theta / theta_mu)
-            d_theta_stored = (
-                w[r, c]
-                * upstream[r, 0]
-                * (torch.digamma(x + theta[c]) - torch.digamma(theta[c]) - x / theta_mu[r, c])
-            )
+            digamma_stored = torch.digamma(x + theta.index_select(0, c)) - digamma_theta.index_select(0, c)
+            d_theta_stored = w_stored * (digamma_stored - x / theta_mu_stored)
             grad_theta -= d_theta.sum(0)
             grad_theta.index_add_(0, c, -d_theta_stored)
         return grad_logits, grad_theta, *([None] * 8)
@@ -164,14 +159,20 @@ class _Chunk:
         self.cells = cells
         keep = measured[cells]
         dtype = _compute_dtype(logits)
-        log_rho = torch.log_softmax(logits[cells].to(dtype).masked_fill(~keep, float("-inf")), dim=-1)
-        self.rho = log_rho.exp()
+        blocked = logits.new_full((), float("-inf"), dtype=dtype)
+        self.rho = torch.log_softmax(torch.where(keep, logits[cells].to(dtype), blocked), dim=-1).exp()
         self.mu = library[cells].to(dtype) * self.rho
-        self.log_theta_mu = torch.log(theta + self.mu + eps)
+        self.theta_mu = self.mu + (theta + eps)
+        self.log_theta_mu = torch.log(self.theta_mu)
         self.weights = keep.to(dtype)
         if masked is not None:
             self.weights = masked[cells].to(dtype) + full_weight * self.weights
         self.entries = (rows[entry_span] - cells.start, cols[entry_span], counts[entry_span])
+        self.flat = self.entries[0] * logits.shape[1] + self.entries[1]
+
+    def at_entries(self, values: torch.Tensor) -> torch.Tensor:
+        """``(nnz_chunk,)`` values of a contiguous ``(rows, G)`` chunk tensor at the chunk's stored entries."""
+        return values.view(-1).index_select(0, self.flat)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -190,10 +191,17 @@ def _row_chunks(inputs: _Inputs, full_weight: float, eps: float):
 
 
 def stored_entries(tensors: dict[str, torch.Tensor], cells: torch.Tensor):
-    """``(row, column, count)`` of the stored counts of ``cells`` (ascending), rows numbered ``0 .. S-1``."""
+    """``(row, column, count)`` of the stored counts of ``cells`` (ascending), rows numbered ``0 .. S-1``.
+
+    Only the entries of ``cells`` are visited: their CSR spans are concatenated.
+    """
     indptr = tensors[BATCH_KEYS.X_INDPTR]
-    position = torch.full((indptr.numel() - 1,), -1, dtype=torch.long, device=indptr.device)
-    position[cells] = torch.arange(cells.numel(), device=indptr.device)
-    entry_position = position[entry_rows(indptr)]
-    kept = entry_position >= 0
-    return entry_position[kept], tensors[BATCH_KEYS.X_INDICES][kept], tensors[BATCH_KEYS.X_DATA][kept]
+    starts, lengths = indptr[cells], indptr[cells + 1] - indptr[cells]
+    n_entries = int(lengths.sum())
+    row = torch.repeat_interleave(
+        torch.arange(cells.numel(), device=indptr.device), lengths, output_size=n_entries
+    )
+    # position of each kept entry: its cell's span start plus its rank within the span
+    span_offsets = torch.cumsum(lengths, 0) - lengths
+    position = torch.arange(n_entries, device=indptr.device) + (starts - span_offsets).index_select(0, row)
+    return row, *(tensors[key].index_select(0, position) for key in (BATCH_KEYS.X_INDICES, BATCH_KEYS.X_DATA))

@@ -20,6 +20,7 @@ from cellplm_scvi.nn import (
 )
 from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids
 from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
+from cellplm_scvi.nn._dropout import bernoulli_mask
 from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
 
 from ._likelihood import dense_counts, entry_rows, library_sizes, nb_reconstruction, stored_entries
@@ -35,20 +36,6 @@ _INFERENCE_KEYS = (
     BATCH_KEYS.MEASURED,
     BATCH_KEYS.MEASURED_ROW,
 )
-
-
-def bernoulli_mask(shape: tuple[int, int], rate: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of ``shape``, each entry True with probability ``rate`` (to a multiple of 2^-16).
-
-    Each entry reads 16 bits of a full-range 64-bit draw of torch's generator (seeded as usual):
-    on the CPU twice as fast as one ``torch.rand`` float per entry.
-    """
-    n = shape[0] * shape[1]
-    if rate <= 0 or rate >= 1 or n == 0:
-        return torch.full(shape, rate >= 1, dtype=torch.bool, device=device)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    threshold = min(round(rate * 2**16), 2**16 - 1) - 2**15  # int16 draws are uniform on [-2^15, 2^15)
-    return (bits.view(torch.int16)[:n] < threshold).view(shape)
 
 
 def _choose(name: str, value: str, options) -> str:
@@ -270,7 +257,8 @@ class CellPLMModule(BaseModuleClass):
                     BATCH_KEYS.MEASURED_ROW: measured_row,
                 }
             )
-            values = x_data.masked_fill(masked_entries[entry_rows(x_indptr), x_indices], 0.0)
+            entry_positions = entry_rows(x_indptr) * self.n_input + x_indices
+            values = x_data.masked_fill(masked_entries.view(-1).index_select(0, entry_positions), 0.0)
             scored_cells = masked_cells.nonzero().squeeze(1)
         h = self.embedder(x_indptr, x_indices, values)
         if self.positional_encoding is not None:
@@ -388,16 +376,18 @@ class CellPLMModule(BaseModuleClass):
         where ``n_scored`` is ``|M|`` in training and ``N`` in evaluation, and ``KL_i`` adds the
         latent layer's terms (``kl_z``, and ``kl_y`` for the mixture).
         """
-        measured = tensors[BATCH_KEYS.MEASURED][tensors[BATCH_KEYS.MEASURED_ROW]]
-        measured = measured | ~measured.any(-1, keepdim=True)  # a batch without any count: score every gene
-        n_cells = measured.shape[0]
+        measured_table, measured_row = tensors[BATCH_KEYS.MEASURED], tensors[BATCH_KEYS.MEASURED_ROW]
+        # a batch without any count: score every gene
+        measured_table = measured_table | ~measured_table.any(-1, keepdim=True)
+        n_cells = measured_row.numel()
         scored = inference_outputs["scored_cells"]
         px_logits = generative_outputs["px_logits"]  # of the scored cells only
         if scored is None:
-            scored, masked = torch.arange(n_cells, device=measured.device), None
+            scored, masked = torch.arange(n_cells, device=measured_row.device), None
         else:  # only masked cells are decoded and scored; the others' loss is not computed at all
             masked = inference_outputs["masked_entries"][scored]
-        scored_loss = self._reconstruction(tensors, px_logits, scored, measured[scored], masked)
+        measured = measured_table[measured_row[scored]]
+        scored_loss = self._reconstruction(tensors, px_logits, scored, measured, masked)
         reconstruction = scored_loss.new_zeros(n_cells).index_put((scored,), scored_loss)
         n_scored = max(scored.numel(), 1)
         latent: LatentOutput = inference_outputs["latent"]

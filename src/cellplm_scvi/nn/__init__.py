@@ -2,6 +2,7 @@
 
 from ._attention import FlowAttention, SoftmaxAttention
 from ._decoder import BatchAwareDecoder
+from ._dropout import Dropout
 from ._embedder import GeneBagEmbedder, TokenProjection
 from ._encoder import CellEncoder, CellTransformerLayer
 from ._latent import (
@@ -18,6 +19,7 @@ __all__ = [
     "CellEncoder",
     "CellTransformerLayer",
     "DeterministicLatent",
+    "Dropout",
     "FlowAttention",
     "GaussianMixtureLatent",
     "GeneBagEmbedder",

@@ -102,13 +102,13 @@ class FlowAttention(_MultiHeadProjections):
         """
         n_cells = x.shape[0]
         n_segments = segment_ptr.numel() - 1
-        query, key, value = self.query(x), self.key(x), self.value(x)
         if n_segments > 1 and n_cells < self.loop_above_cells_per_tissue * n_segments:
-            q, k, v = (t.view(n_cells, self.n_heads, -1) for t in (query, key, value))
+            q, k, v = self.heads(x)
             out = self._attend_packed(torch.sigmoid(q), torch.sigmoid(k), v, segment_ptr)
             return self.out(out.reshape(n_cells, -1))
-        q, k = (torch.sigmoid(_heads_first(t, self.n_heads)).contiguous() for t in (query, key))
-        v = _heads_first(value, self.n_heads)
+        # one projection at a time, so that each raw (N, D) projection is freed once laid out
+        q, k = (torch.sigmoid(_heads_first(p(x), self.n_heads)).contiguous() for p in (self.query, self.key))
+        v = _heads_first(self.value(x), self.n_heads)
         if n_segments == 1:
             out = self._attend_tissue(q, k, v)
         else:

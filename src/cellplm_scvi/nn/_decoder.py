@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._dropout import Dropout
+
 #: The released model's mean activation, ``clamp(exp(.), 1e-5, 1e6)``, as a range of logits.
 RELEASED_LOGIT_RANGE = (math.log(1e-5), math.log(1e6))
 
@@ -78,7 +80,7 @@ class BatchAwareDecoder(nn.Module):
         for _ in range(n_layers):
             blocks.append(
                 nn.Sequential(
-                    nn.Linear(width, n_hidden), nn.PReLU(), nn.Dropout(dropout), nn.GroupNorm(4, n_hidden)
+                    nn.Linear(width, n_hidden), nn.PReLU(), Dropout(dropout), nn.GroupNorm(4, n_hidden)
                 )
             )
             width = n_hidden

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._dropout import Dropout
+
 BLOCK_BYTES = 1 << 20
 """Bytes of gene table read per pass of the sparse bag without gradients (about half a core's L2)."""
 
@@ -105,10 +107,8 @@ class GeneBagEmbedder(nn.Module):
             return self.genes.weight.new_zeros(n_cells, self.genes.embedding_dim)
         if indices.numel() > self._dense_threshold() * n_cells * n_inputs:
             weights = values.new_zeros(n_cells, n_inputs)
-            rows = torch.repeat_interleave(
-                torch.arange(n_cells, device=indptr.device), indptr.diff(), output_size=indices.numel()
-            )
-            weights[rows, indices] = torch.log1p(values)
+            rows = torch.repeat_interleave(indptr.diff(), output_size=indices.numel())
+            weights.view(-1)[rows * n_inputs + indices] = torch.log1p(values)
             table = self.genes.weight if self.rows_are_columns else self.genes.weight[self.gene_rows]
             return weights @ table
         weights, table = torch.log1p(values), self.genes.weight
@@ -147,6 +147,6 @@ class TokenProjection(nn.Sequential):
         super().__init__(
             nn.Linear(n_hidden, n_hidden),
             nn.ReLU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.GroupNorm(n_groups, n_hidden),
         )

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ._attention import ATTENTION_KINDS
+from ._dropout import Dropout
 
 
 class CellTransformerLayer(nn.Module):
@@ -29,14 +30,14 @@ class CellTransformerLayer(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(n_hidden)
         self.attention = ATTENTION_KINDS[attention](n_hidden, n_heads)
-        self.attention_dropout = nn.Dropout(dropout)
+        self.attention_dropout = Dropout(dropout)
         self.norm2 = nn.LayerNorm(n_hidden)
         self.feed_forward = nn.Sequential(
             nn.Linear(n_hidden, 2 * n_hidden),
             nn.GELU(),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Linear(2 * n_hidden, n_hidden),
-            nn.Dropout(dropout),
+            Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
