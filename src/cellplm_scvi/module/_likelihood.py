@@ -159,8 +159,8 @@ class _Chunk:
         self.cells = cells
         keep = measured[cells]
         dtype = _compute_dtype(logits)
-        blocked = logits.new_full((), float("-inf"), dtype=dtype)
-        self.rho = torch.log_softmax(torch.where(keep, logits[cells].to(dtype), blocked), dim=-1).exp()
+        unmeasured = logits.new_full((), float("-inf"), dtype=dtype)
+        self.rho = torch.log_softmax(torch.where(keep, logits[cells].to(dtype), unmeasured), dim=-1).exp()
         self.mu = library[cells].to(dtype) * self.rho
         self.theta_mu = self.mu + (theta + eps)
         self.log_theta_mu = torch.log(self.theta_mu)
@@ -198,9 +198,7 @@ def stored_entries(tensors: dict[str, torch.Tensor], cells: torch.Tensor):
     indptr = tensors[BATCH_KEYS.X_INDPTR]
     starts, lengths = indptr[cells], indptr[cells + 1] - indptr[cells]
     n_entries = int(lengths.sum())
-    row = torch.repeat_interleave(
-        torch.arange(cells.numel(), device=indptr.device), lengths, output_size=n_entries
-    )
+    row = torch.repeat_interleave(lengths, output_size=n_entries)  # 0 .. S-1, each repeated
     # position of each kept entry: its cell's span start plus its rank within the span
     span_offsets = torch.cumsum(lengths, 0) - lengths
     position = torch.arange(n_entries, device=indptr.device) + (starts - span_offsets).index_select(0, row)

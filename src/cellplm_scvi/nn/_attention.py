@@ -25,11 +25,6 @@ def segment_sum(values: torch.Tensor, segment: torch.Tensor, n_segments: int) ->
     return out.index_add_(0, segment, values)
 
 
-def _heads_first(values: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """``(N, D)`` → ``(H, N, D/H)`` view (not copied)."""
-    return values.view(values.shape[0], n_heads, -1).transpose(0, 1)
-
-
 class _MultiHeadProjections(nn.Module):
     """Query, key, value and output projections shared by both attention kinds."""
 
@@ -101,51 +96,40 @@ class FlowAttention(_MultiHeadProjections):
         ``(N, D)`` attention output.
         """
         n_cells = x.shape[0]
+        q, k, v = self.heads(x)
+        q, k = torch.sigmoid(q), torch.sigmoid(k)
         n_segments = segment_ptr.numel() - 1
-        if n_segments > 1 and n_cells < self.loop_above_cells_per_tissue * n_segments:
-            q, k, v = self.heads(x)
-            out = self._attend_packed(torch.sigmoid(q), torch.sigmoid(k), v, segment_ptr)
-            return self.out(out.reshape(n_cells, -1))
-        # one projection at a time, so that each raw (N, D) projection is freed once laid out
-        q, k = (torch.sigmoid(_heads_first(p(x), self.n_heads)).contiguous() for p in (self.query, self.key))
-        v = _heads_first(self.value(x), self.n_heads)
         if n_segments == 1:
             out = self._attend_tissue(q, k, v)
-        else:
-            out = torch.empty_like(q)
+        elif n_cells >= self.loop_above_cells_per_tissue * n_segments:
+            out = torch.empty_like(v)
             bounds = segment_ptr.tolist()
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-                out[:, start:stop] = self._attend_tissue(q[:, start:stop], k[:, start:stop], v[:, start:stop])
-        return self.out(out.transpose(0, 1).reshape(n_cells, -1))
+                out[start:stop] = self._attend_tissue(q[start:stop], k[start:stop], v[start:stop])
+        else:
+            out = self._attend_packed(q, k, v, segment_ptr)
+        return self.out(out.reshape(n_cells, -1))
 
     def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Flow attention among the ``n`` cells of one tissue, heads first: ``(H, n, d)`` ×3 → ``(H, n, d)``.
+        """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
 
-        Heads-first operands make every product below a batch of plain row-major matrices (the
-        ``(H, d, d)`` context product ran about twice as fast as on the cell-major ``(n, H, d)``
-        view at n = 2,000, D = 1,024, 2 CPU threads). Every ``<a_i + eps, s + eps>`` is taken as
-        ``<a_i, s + eps> + eps * sum(s + eps)``, a batched matrix-vector product, so that no
-        ``(H, n, d)`` temporary is made for it. ``v`` may be a strided view.
+        Every ``<a_i + eps, s + eps>`` is taken as ``<a_i, s + eps> + eps * sum(s + eps)``, a
+        batched matrix-vector product, so that no ``(n, H, d)`` temporary is made for it.
         """
-        eps, n = self.eps, q.shape[1]
+        eps, n = self.eps, q.shape[0]
 
         def dot(cells: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-            """``(H, n)``: ``<cells_i + eps, summary>`` for ``(H, n, d)`` cells and an ``(H, d)`` summary."""
-            offset = (eps * summary.sum(-1))[:, None, None]
-            return torch.baddbmm(offset, cells, summary[..., None]).squeeze(-1)
+            """``<cells_i + eps, summary>`` for ``(n, H, d)`` cells and an ``(H, d)`` summary."""
+            return torch.einsum("nhd,hd->nh", cells, summary) + eps * summary.sum(-1)
 
-        def weighted_sum(cells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            """``(H, d)``: ``sum_i weights_i cells_i`` for ``(H, n)`` weights."""
-            return torch.bmm(weights[:, None, :], cells).squeeze(1)
-
-        incoming = 1.0 / dot(q, k.sum(1) + eps)  # (H, n)
-        outgoing = 1.0 / dot(k, q.sum(1) + eps)
-        allocation = torch.sigmoid(dot(q, weighted_sum(k, outgoing) + eps))
+        incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)
+        outgoing = 1.0 / dot(k, q.sum(0) + eps)
+        allocation = torch.sigmoid(dot(q, torch.einsum("nhd,nh->hd", k, outgoing) + eps))
         # The clamp to [-1, 1] bounds exp(), so the softmax over cells needs no max subtraction.
-        source = dot(k, weighted_sum(q, incoming) + eps).clamp(-1.0, 1.0).exp()
-        competition = source * (n / source.sum(1, keepdim=True))
-        context = torch.bmm(k.transpose(1, 2), (v * competition[..., None]).contiguous())  # (H, d, d)
-        return torch.bmm(q, context) * (incoming * allocation)[..., None]
+        source = dot(k, torch.einsum("nhd,nh->hd", q, incoming) + eps).clamp(-1.0, 1.0).exp()
+        competition = source * (n / source.sum(0))
+        context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)
+        return torch.einsum("nhd,hde->nhe", q, context) * (incoming * allocation)[..., None]
 
     def _attend_packed(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ptr: torch.Tensor

@@ -12,8 +12,7 @@ def bernoulli_mask(shape: tuple[int, ...], rate: float, device: torch.device) ->
     """Bool tensor of ``shape``, each entry True with probability ``rate`` (to a multiple of 2^-16).
 
     Each entry reads 16 bits of a full-range 64-bit draw of torch's generator (seeded as usual):
-    on the CPU twice as fast as one ``torch.rand`` float per entry and about five times as fast as
-    ``Tensor.bernoulli_``.
+    on the CPU twice as fast as one ``torch.rand`` float per entry.
     """
     n = math.prod(shape)
     if rate <= 0 or rate >= 1 or n == 0:
@@ -27,9 +26,8 @@ class Dropout(nn.Dropout):
     """:class:`torch.nn.Dropout` whose CPU masks come from :func:`bernoulli_mask`.
 
     Zeroes each entry with probability ``p`` (to a multiple of 2^-16) and scales the others by
-    ``1 / (1 - p)`` in training; the identity in evaluation. On the CPU about 3.5× faster than
-    torch's dropout, which draws one float per entry (2 threads, 0.4–2 M entries); on other devices
-    torch's fused kernel is used. ``inplace`` is not supported.
+    ``1 / (1 - p)`` in training; the identity in evaluation. Torch's CPU dropout draws one float
+    per entry; on other devices its fused kernel is used. ``inplace`` is not supported.
     """
 
     def __init__(self, p: float = 0.5):
