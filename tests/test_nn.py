@@ -233,3 +233,4 @@ def test_dropout_zeroes_at_rate_scales_survivors_and_is_identity_in_eval():
     assert torch.equal(drop(x), out)  # seeded like the rest of torch
     drop.eval()
     assert drop(x) is x
+    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # torch's kernel: no 1 / (1 - p)

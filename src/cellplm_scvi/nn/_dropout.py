@@ -36,7 +36,7 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or self.p == 1:
             return super().forward(x)
         keep = bernoulli_mask(tuple(x.shape), 1.0 - self.p, x.device)
         return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
