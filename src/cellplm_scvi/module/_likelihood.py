@@ -28,6 +28,16 @@ def library_sizes(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return data.new_zeros(indptr.numel() - 1).index_add_(0, entry_rows(indptr), data)[:, None]
 
 
+def entry_weights(
+    measured: torch.Tensor, masked: torch.Tensor | None, full_weight: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``(S, G)`` loss weight of each entry: ``masked + full_weight * measured`` (``measured`` without a mask)."""
+    weights = measured.to(dtype)
+    if masked is not None:
+        weights = masked.to(dtype) + full_weight * weights
+    return weights
+
+
 CHUNK_ENTRIES = 1 << 19
 """Matrix entries per row chunk of :func:`nb_reconstruction`: 2 MiB per float32 temporary, about
 a core's L2 cache on the 2-core benchmark machine, where 2^19 and 2^20 gave the fastest training
@@ -164,9 +174,7 @@ class _Chunk:
         self.mu = library[cells].to(dtype) * self.rho
         self.theta_mu = self.mu + (theta + eps)
         self.log_theta_mu = torch.log(self.theta_mu)
-        self.weights = keep.to(dtype)
-        if masked is not None:
-            self.weights = masked[cells].to(dtype) + full_weight * self.weights
+        self.weights = entry_weights(keep, None if masked is None else masked[cells], full_weight, dtype)
         self.entries = (rows[entry_span] - cells.start, cols[entry_span], counts[entry_span])
         self.flat = self.entries[0] * logits.shape[1] + self.entries[1]
 

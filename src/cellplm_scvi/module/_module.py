@@ -23,7 +23,14 @@ from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
 from cellplm_scvi.nn._dropout import bernoulli_mask
 from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
 
-from ._likelihood import dense_counts, entry_rows, library_sizes, nb_reconstruction, stored_entries
+from ._likelihood import (
+    dense_counts,
+    entry_rows,
+    entry_weights,
+    library_sizes,
+    nb_reconstruction,
+    stored_entries,
+)
 
 LIKELIHOODS = ("nb", "mse")
 _INFERENCE_KEYS = (
@@ -337,20 +344,15 @@ class CellPLMModule(BaseModuleClass):
         Entry weights are ``masked + full_profile_weight * measured`` (``measured`` when ``masked``
         is ``None``); ``px_logits``, ``measured`` and ``masked`` are ``(S, G)``.
         """
-        library = library_sizes(tensors)[rows]
         if self.likelihood == "nb":
+            entries = stored_entries(tensors, rows)
+            row, _, counts = entries  # the scored cells' library sizes from their own entries
+            library = counts.new_zeros(rows.numel()).index_add_(0, row, counts)[:, None]
             return nb_reconstruction(
-                px_logits,
-                library,
-                self.dispersion(),
-                measured,
-                masked,
-                self.full_profile_weight,
-                stored_entries(tensors, rows),
+                px_logits, library, self.dispersion(), measured, masked, self.full_profile_weight, entries
             )
-        weights = measured.to(px_logits.dtype)
-        if masked is not None:
-            weights = masked.to(px_logits.dtype) + self.full_profile_weight * weights
+        library = library_sizes(tensors)[rows]
+        weights = entry_weights(measured, masked, self.full_profile_weight, px_logits.dtype)
         target = torch.log1p(dense_counts(tensors, self.n_input)[rows] / library.clamp(min=1.0) * 1e4)
         return ((px_logits - target).square() * weights).sum(-1)
 
