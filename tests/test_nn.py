@@ -24,7 +24,10 @@ from cellplm_scvi.nn._embedder import _bag_block_columns
 def naive_flow(attn: FlowAttention, x: torch.Tensor) -> torch.Tensor:
     """Flow attention for ONE tissue, written directly from the formulas with dense matrices."""
     n, eps = x.shape[0], attn.eps
-    q, k, v = attn.heads(x)
+    # qkv.weight rows: queries, then keys, then values
+    q, k, v = (
+        part.view(n, attn.n_heads, -1) for part in F.linear(x, attn.qkv.weight, attn.qkv.bias).chunk(3, 1)
+    )
     q, k = torch.sigmoid(q).transpose(0, 1), torch.sigmoid(k).transpose(0, 1)  # (H, n, d)
     v = v.transpose(0, 1)
     incoming = 1.0 / torch.einsum("hnd,hd->hn", q + eps, k.sum(1) + eps)
@@ -93,6 +96,64 @@ def test_encoder_is_permutation_equivariant_within_tissue(packed):
     enc = CellEncoder(16, 2, 4, 0.0, "flow").eval()
     perm = torch.cat([torch.randperm(5), 5 + torch.randperm(9), torch.tensor([14]), 15 + torch.randperm(7)])
     torch.testing.assert_close(enc(x, ptr)[perm], enc(x[perm], ptr), atol=1e-5, rtol=1e-5)
+
+
+def transformer_layer_formula(layer, x: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """``x + drop(Attn(LN(x)))`` then ``+ FF(LN(.))``, from the layer's own submodules."""
+    h = x + layer.attention_dropout(layer.attention(layer.norm1(x), ptr))
+    return h + layer.feed_forward(layer.norm2(h))
+
+
+@pytest.mark.parametrize(
+    "grad_mode",
+    [torch.enable_grad, torch.no_grad, torch.inference_mode],
+    ids=["autograd", "no_grad", "inference"],
+)
+def test_transformer_layer_matches_its_formula_and_leaves_its_input_alone(packed, grad_mode):
+    x, ptr = packed
+    layer = CellEncoder(16, 1, 4, 0.1, "flow").layers[0].eval()
+    x_before = x.clone()
+    with grad_mode():
+        out = layer(x, ptr)  # evaluation: residuals summed inside addmm (in place without autograd)
+    torch.testing.assert_close(out, transformer_layer_formula(layer, x, ptr), atol=1e-6, rtol=1e-5)
+    assert torch.equal(x, x_before)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x, ptr).dtype == torch.float32  # the residual stream keeps its dtype
+
+
+def test_transformer_layer_in_training_matches_its_formula_with_dropout_and_gradients(packed):
+    x, ptr = packed
+    x = x.clone().requires_grad_(True)
+    layer = CellEncoder(16, 1, 4, 0.3, "flow").layers[0].train()
+    torch.manual_seed(1)
+    out = layer(x, ptr)
+    torch.manual_seed(1)
+    expected = transformer_layer_formula(layer, x, ptr)  # same masks, drawn in the same order
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    # rate 0 in training: the fused residual path, with autograd
+    no_dropout = CellEncoder(16, 1, 4, 0.0, "flow").layers[0].train()
+    weights = torch.randn(len(x), 16)
+    grads = [
+        torch.autograd.grad((f(x) * weights).sum(), [x, *no_dropout.parameters()])
+        for f in (lambda v: no_dropout(v, ptr), lambda v: transformer_layer_formula(no_dropout, v, ptr))
+    ]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_attention_loads_state_dicts_with_separate_query_key_value_maps(packed):
+    x, ptr = packed
+    encoder = CellEncoder(16, 2, 4, 0.0, "flow").eval()
+    legacy = encoder.state_dict()
+    for i in range(2):
+        prefix = f"layers.{i}.attention."
+        for p in ("weight", "bias"):
+            blocks = legacy.pop(f"{prefix}qkv.{p}").chunk(3)
+            for name, block in zip(("query", "key", "value"), blocks, strict=True):
+                legacy[f"{prefix}{name}.{p}"] = block.clone()
+    fresh = CellEncoder(16, 2, 4, 0.0, "flow").eval()
+    fresh.load_state_dict(legacy)  # strict: every key accounted for
+    torch.testing.assert_close(fresh(x, ptr), encoder(x, ptr))
 
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0])

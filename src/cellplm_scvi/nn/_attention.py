@@ -26,23 +26,76 @@ def segment_sum(values: torch.Tensor, segment: torch.Tensor, n_segments: int) ->
 
 
 class _MultiHeadProjections(nn.Module):
-    """Query, key, value and output projections shared by both attention kinds."""
+    """Query, key and value projections as one ``(3D, D)`` linear map, and the output projection.
+
+    ``qkv.weight`` rows ``[0, D)`` project queries, ``[D, 2D)`` keys and ``[2D, 3D)`` values: one
+    matrix product instead of three. State dicts with separate ``query``, ``key`` and ``value``
+    linear maps (written before they were fused) load unchanged.
+    """
 
     def __init__(self, n_hidden: int, n_heads: int):
         super().__init__()
         if n_hidden % n_heads:
             raise ValueError(f"n_hidden ({n_hidden}) must be divisible by n_heads ({n_heads}).")
         self.n_heads = n_heads
-        self.query = nn.Linear(n_hidden, n_hidden)
-        self.key = nn.Linear(n_hidden, n_hidden)
-        self.value = nn.Linear(n_hidden, n_hidden)
+        self.qkv = nn.Linear(n_hidden, 3 * n_hidden)
         self.out = nn.Linear(n_hidden, n_hidden)
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(N, D)`` → three ``(N, H, D/H)`` tensors."""
-        n = x.shape[0]
-        split = lambda t: t.view(n, self.n_heads, -1)
-        return split(self.query(x)), split(self.key(x)), split(self.value(x))
+    def heads(self, x: torch.Tensor, sigmoid_query_key: bool = False) -> tuple[torch.Tensor, ...]:
+        """``(N, D)`` → query, key and value, each ``(N, H, D/H)`` (views of one ``(N, 3D)`` tensor).
+
+        With ``sigmoid_query_key``, queries and keys pass through a sigmoid (in place when no
+        gradient is recorded).
+        """
+        n, width = x.shape
+        qkv = self.qkv(x)
+        if sigmoid_query_key:
+            query_key = qkv[:, : 2 * width]
+            query_key = torch.sigmoid(query_key) if torch.is_grad_enabled() else query_key.sigmoid_()
+            q, k, v = query_key[:, :width], query_key[:, width:], qkv[:, 2 * width :]
+        else:
+            q, k, v = qkv.split(width, dim=1)
+        return tuple(t.view(n, self.n_heads, -1) for t in (q, k, v))
+
+    def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` → ``(N, D)`` concatenated heads, before the output projection."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
+        """Attend within the segments of ``segment_ptr`` (``(T + 1,)`` cell offsets).
+
+        Parameters
+        ----------
+        x
+            ``(N, D)`` cell states.
+        segment_ptr
+            ``(T + 1,)`` cell offsets of the tissues.
+
+        Returns
+        -------
+        ``(N, D)`` attention output, ``out(attend(x))``.
+        """
+        return self.out(self.attend(x, segment_ptr))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        fuse_projections(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+SEPARATE_PROJECTIONS = ("query", "key", "value")
+"""Row blocks of ``qkv``, in order; the names of the separate linear maps they replace."""
+
+
+def fuse_projections(state_dict: dict, prefix: str) -> None:
+    """Replace ``{prefix}query/key/value.{weight,bias}`` by ``{prefix}qkv.{weight,bias}``, in place.
+
+    Does nothing unless all six tensors are in ``state_dict``.
+    """
+    names = [f"{prefix}{name}.{p}" for name in SEPARATE_PROJECTIONS for p in ("weight", "bias")]
+    if all(name in state_dict for name in names):
+        for p in ("weight", "bias"):
+            parts = [state_dict.pop(f"{prefix}{name}.{p}") for name in SEPARATE_PROJECTIONS]
+            state_dict[f"{prefix}qkv.{p}"] = torch.cat(parts)
 
 
 class FlowAttention(_MultiHeadProjections):
@@ -81,34 +134,21 @@ class FlowAttention(_MultiHeadProjections):
         super().__init__(n_hidden, n_heads)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
-        """Attend within segments.
-
-        Parameters
-        ----------
-        x
-            ``(N, D)`` cell states.
-        segment_ptr
-            ``(T + 1,)`` cell offsets of the tissues.
-
-        Returns
-        -------
-        ``(N, D)`` attention output.
-        """
+    def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` cell states → ``(N, D)`` concatenated heads, attending within segments."""
         n_cells = x.shape[0]
-        q, k, v = self.heads(x)
-        q, k = torch.sigmoid(q), torch.sigmoid(k)
+        q, k, v = self.heads(x, sigmoid_query_key=True)
         n_segments = segment_ptr.numel() - 1
         if n_segments == 1:
             out = self._attend_tissue(q, k, v)
         elif n_cells >= self.loop_above_cells_per_tissue * n_segments:
-            out = torch.empty_like(v)
+            out = torch.empty_like(v, memory_format=torch.contiguous_format)
             bounds = segment_ptr.tolist()
             for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
                 out[start:stop] = self._attend_tissue(q[start:stop], k[start:stop], v[start:stop])
         else:
             out = self._attend_packed(q, k, v, segment_ptr)
-        return self.out(out.reshape(n_cells, -1))
+        return out.reshape(n_cells, -1)
 
     def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
@@ -176,15 +216,15 @@ class SoftmaxAttention(_MultiHeadProjections):
         Number of heads ``H``.
     """
 
-    def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
-        """Attend within segments; see :meth:`FlowAttention.forward`."""
+    def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` cell states → ``(N, D)`` concatenated heads, attending within segments."""
         q, k, v = self.heads(x)
-        out = torch.empty_like(v)
+        out = torch.empty_like(v, memory_format=torch.contiguous_format)
         bounds = segment_ptr.tolist()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             q_s, k_s, v_s = (t[start:stop].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, d)
             out[start:stop] = F.scaled_dot_product_attention(q_s, k_s, v_s)[0].transpose(0, 1)
-        return self.out(out.reshape(x.shape[0], -1))
+        return out.reshape(x.shape[0], -1)
 
 
 ATTENTION_KINDS = {"flow": FlowAttention, "softmax": SoftmaxAttention}

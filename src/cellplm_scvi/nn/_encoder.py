@@ -42,8 +42,32 @@ class CellTransformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` → ``(N, D)``; attention stays within the segments of ``segment_ptr``."""
-        x = x + self.attention_dropout(self.attention(self.norm1(x), segment_ptr))
-        return x + self.feed_forward(self.norm2(x))
+        heads = self.attention.attend(self.norm1(x), segment_ptr)
+        x = add_linear(x, heads, self.attention.out, self.attention_dropout)
+        *hidden_layers, out_linear, out_dropout = self.feed_forward
+        hidden = self.norm2(x)
+        for module in hidden_layers:
+            hidden = module(hidden)
+        # x is this layer's own tensor now: without autograd the last sum may overwrite it
+        return add_linear(x, hidden, out_linear, out_dropout, in_place=not torch.is_grad_enabled())
+
+
+def add_linear(
+    residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, dropout: nn.Dropout, in_place: bool = False
+) -> torch.Tensor:
+    """``residual + dropout(linear(x))`` for ``(N, D_in)`` ``x`` and an ``(N, D_out)`` residual.
+
+    Where the dropout is inactive (evaluation, or rate 0) and no autocast is on, the residual is
+    added inside the matrix product (``addmm``): no separate pass over ``(N, D_out)`` for the bias
+    copy and the sum, and one temporary fewer. With ``in_place`` (only where no gradient flows
+    through ``residual``) the result is written into ``residual``. Under autocast the sum keeps
+    ``residual``'s dtype.
+    """
+    if (dropout.training and dropout.p > 0) or torch.is_autocast_enabled(x.device.type):
+        return residual + dropout(linear(x))
+    if in_place:
+        return residual.addmm_(x, linear.weight.t()).add_(linear.bias)
+    return torch.addmm(residual, x, linear.weight.t()).add_(linear.bias)
 
 
 class CellEncoder(nn.Module):

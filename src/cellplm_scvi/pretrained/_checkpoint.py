@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from cellplm_scvi.nn._attention import SEPARATE_PROJECTIONS, fuse_projections
+
 logger = logging.getLogger(__name__)
 
 #: Released state-dict entries that the released forward pass never uses.
@@ -149,8 +151,8 @@ def _key_map(checkpoint: CellPLMCheckpoint, n_layers: int, n_decoder_layers: int
         }
         for i in range(n_layers):
             released, ours = f"encoder.layers.{i}", f"encoder.layers.{i}"
-            for a, b in (("query", "query"), ("key", "key"), ("value", "value"), ("out", "out")):
-                names[f"{released}.self_attn.{a}_projection.{p}"] = f"{ours}.attention.{b}.{p}"
+            for a in (*SEPARATE_PROJECTIONS, "out"):
+                names[f"{released}.self_attn.{a}_projection.{p}"] = f"{ours}.attention.{a}.{p}"
             for j in (0, 3):
                 names[f"{released}._ff_block.{j}.{p}"] = f"{ours}.feed_forward.{j}.{p}"
             for norm in ("norm1", "norm2"):
@@ -218,6 +220,13 @@ def load_released_weights(
     n_decoder_layers = config["dec_layers"] - 1
     key_map = _key_map(checkpoint, config["enc_layers"], n_decoder_layers)
     ours = module.state_dict()
+    # released query / key / value maps go to the blocks of our fused ``qkv`` (see fuse_projections)
+    targets = set(ours) | {
+        name.replace(".qkv.", f".{part}.")
+        for name in ours
+        if ".attention.qkv." in name
+        for part in SEPARATE_PROJECTIONS
+    }
     new_state, loaded, ignored, unexpected = {}, [], [], []
     for key, value in checkpoint.state_dict.items():
         if key in UNUSED_KEYS or (
@@ -230,11 +239,13 @@ def load_released_weights(
             table = torch.stack([value[r] if r is not None else mean for r in batch_rows])
             new_state[f"decoder.batch_covariates.{layer}.0.weight"] = table
             loaded.append(key)
-        elif key in key_map and key_map[key] in ours:
+        elif key in key_map and key_map[key] in targets:
             new_state[key_map[key]] = value
             loaded.append(key)
         else:
             unexpected.append(key)
+    for i in range(config["enc_layers"]):
+        fuse_projections(new_state, f"encoder.layers.{i}.attention.")
     missing = [k for k in ours if k not in new_state and k != "decoder.dataset_row"]
     for key, value in new_state.items():
         if ours[key].shape != value.shape:
