@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from cellplm_scvi.nn import (
+    GELU,
     CellEncoder,
     Dropout,
     FlowAttention,
@@ -295,3 +296,25 @@ def test_dropout_zeroes_at_rate_scales_survivors_and_is_identity_in_eval():
     drop.eval()
     assert drop(x) is x
     assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # torch's kernel: no 1 / (1 - p)
+
+
+def test_gelu_overwrites_its_input_only_without_autograd():
+    x = torch.randn(50, 8)
+    expected = F.gelu(x)
+    gelu = GELU(inplace=True)
+    y = x.clone().requires_grad_(True)
+    out = gelu(y)
+    assert out.data_ptr() != y.data_ptr()
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert y.grad is not None
+    for grad_mode in (torch.no_grad, torch.inference_mode):
+        z = x.clone()
+        with grad_mode():
+            out = gelu(z)
+        assert out.data_ptr() == z.data_ptr()
+        torch.testing.assert_close(z, expected)
+    z = x.clone()
+    with torch.no_grad():
+        GELU()(z)
+    assert torch.equal(z, x)  # not in place unless asked

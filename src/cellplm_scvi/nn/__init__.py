@@ -1,5 +1,6 @@
 """Neural-network building blocks of CellPLM: embedder, positional encoding, attention, encoder, latent, decoder."""
 
+from ._activation import GELU
 from ._attention import FlowAttention, SoftmaxAttention
 from ._decoder import BatchAwareDecoder
 from ._dropout import Dropout
@@ -21,6 +22,7 @@ __all__ = [
     "DeterministicLatent",
     "Dropout",
     "FlowAttention",
+    "GELU",
     "GaussianMixtureLatent",
     "GeneBagEmbedder",
     "LatentOutput",

@@ -169,7 +169,12 @@ class FlowAttention(_MultiHeadProjections):
         source = dot(k, torch.einsum("nhd,nh->hd", q, incoming) + eps).clamp(-1.0, 1.0).exp()
         competition = source * (n / source.sum(0))
         context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)
-        return torch.einsum("nhd,hde->nhe", q, context) * (incoming * allocation)[..., None]
+        heads = torch.einsum("nhd,hde->nhe", q, context)  # a head-major view
+        scale = (incoming * allocation)[..., None]
+        if torch.is_grad_enabled():
+            return heads * scale
+        # scaled straight into a cell-major tensor: no copy when the heads are concatenated
+        return torch.mul(heads, scale, out=torch.empty(heads.shape, dtype=heads.dtype, device=heads.device))
 
     def _attend_packed(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ptr: torch.Tensor

@@ -146,7 +146,7 @@ class TokenProjection(nn.Sequential):
     def __init__(self, n_hidden: int, dropout: float, n_groups: int = 4):
         super().__init__(
             nn.Linear(n_hidden, n_hidden),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             Dropout(dropout),
             nn.GroupNorm(n_groups, n_hidden),
         )

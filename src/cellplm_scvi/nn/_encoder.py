@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ._activation import GELU
 from ._attention import ATTENTION_KINDS
 from ._dropout import Dropout
 
@@ -34,7 +35,7 @@ class CellTransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(n_hidden)
         self.feed_forward = nn.Sequential(
             nn.Linear(n_hidden, 2 * n_hidden),
-            nn.GELU(),
+            GELU(inplace=True),  # in place only without autograd
             Dropout(dropout),
             nn.Linear(2 * n_hidden, n_hidden),
             Dropout(dropout),
