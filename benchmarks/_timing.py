@@ -363,5 +363,6 @@ def write_results(name: str, results: dict, table_rows: list[str]) -> Path:
     path.write_text(json.dumps(results, indent=2) + "\n")
     path.with_suffix(".md").write_text("\n".join(table_rows) + "\n")
     print("\n".join(table_rows))
-    print(f"wrote {path.relative_to(RESULTS.parents[1])} and .md")
+    shown = path.relative_to(RESULTS.parents[1]) if path.is_relative_to(RESULTS.parents[1]) else path
+    print(f"wrote {shown} and .md")  # --output may name a path outside the repository
     return path

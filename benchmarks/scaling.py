@@ -9,8 +9,10 @@ One tissue of ``N`` cells goes through :class:`cellplm_scvi.nn.CellEncoder` (``-
 ``--layers`` 4, ``--heads`` 8, eval mode, ``torch.inference_mode()``, float32, input
 ``randn(N, D)``, one segment), for ``attention="flow"`` and ``"softmax"``. Each (attention, N) runs
 in a fresh Python process: a first pass gives the peak resident memory (high-water mark above the
-RSS before the pass, input and weights excluded), then ``--repeats`` timed passes give the time
-per forward pass (median). Sizes whose predicted time (the last measured time scaled by
+RSS before the pass, input and weights excluded), then timed passes give the time per forward
+pass (median): at least ``--repeats`` passes, and more (up to 100) until ``--min-seconds`` of
+passes have run, so that the short passes of small tissues are not two samples of a noisy
+machine. Sizes whose predicted time (the last measured time scaled by
 ``(N'/N)^2`` for softmax, ``N'/N`` for flow) exceeds ``--max-seconds`` per pass, or whose
 predicted memory exceeds ``--max-memory-gib``, are skipped and recorded as skipped.
 
@@ -52,7 +54,7 @@ def worker(task: dict) -> dict:
             first = time.perf_counter() - start
         assert out.shape == x.shape and torch.isfinite(out).all()
         del out
-        for _ in range(task["repeats"]):
+        while len(times) < task["repeats"] or (sum(times) < task["min_seconds"] and len(times) < 100):
             start = time.perf_counter()
             encoder(x, segment_ptr)
             times.append(time.perf_counter() - start)
@@ -80,7 +82,10 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per size (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per size, at least (median)")
+    parser.add_argument(
+        "--min-seconds", type=float, default=3.0, help="more passes until this much time has run (default 3)"
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=45, help="skip sizes predicted to take longer per pass"
     )
@@ -133,6 +138,7 @@ def main(argv=None) -> None:
                 "layers": args.layers,
                 "heads": args.heads,
                 "repeats": args.repeats,
+                "min_seconds": args.min_seconds,
             }
             result = T.run_worker(__file__, task)
             results["runs"][attention][str(n)] = result
@@ -159,7 +165,8 @@ def main(argv=None) -> None:
     info = results["machine"]
     rows = [
         f"Encoder scaling (D={args.hidden}, {args.layers} layers, {args.heads} heads, one tissue), "
-        f"{T.machine_summary(info)}, load {quiet['load_1min']} at start; median of {args.repeats} passes.",
+        f"{T.machine_summary(info)}, load {quiet['load_1min']} at start; median of at least {args.repeats} passes "
+        f"and {args.min_seconds:g} s of passes per size.",
         "",
         "| cells | flow s/pass | flow µs/cell | flow peak MiB | softmax s/pass | softmax µs/cell | softmax peak MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|",

@@ -153,20 +153,31 @@ class FlowAttention(_MultiHeadProjections):
     def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
 
-        Every ``<a_i + eps, s + eps>`` is taken as ``<a_i, s + eps> + eps * sum(s + eps)``, a
-        batched matrix-vector product, so that no ``(n, H, d)`` temporary is made for it.
+        Every ``<a_i + eps, s + eps>`` is taken as ``<a_i, s + eps> + eps * sum(s + eps)``, so that
+        no ``(n, H, d)`` temporary is made for it. Per-head products with an ``(H, d)`` summary and
+        per-head weighted sums over cells run as single matrix products over all heads (through a
+        block-diagonal ``(D, H)`` matrix), which read the cells once, in their own layout.
         """
-        eps, n = self.eps, q.shape[0]
+        eps, (n, n_heads, head_width) = self.eps, q.shape
+        eye = torch.eye(n_heads, dtype=q.dtype, device=q.device)
 
         def dot(cells: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-            """``<cells_i + eps, summary>`` for ``(n, H, d)`` cells and an ``(H, d)`` summary."""
-            return torch.einsum("nhd,hd->nh", cells, summary) + eps * summary.sum(-1)
+            """``<cells_i + eps, summary>`` per head: ``(n, H, d)`` cells, ``(H, d)`` summary → ``(n, H)``."""
+            block_diagonal = (summary[:, :, None] * eye[:, None, :]).reshape(-1, n_heads)  # (D, H)
+            return torch.mm(cells.reshape(n, -1), block_diagonal) + eps * summary.sum(-1)
+
+        def weighted_sum(cells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+            """``sum_i weights_ih cells_ih``: ``(n, H, d)`` cells, ``(n, H)`` weights → ``(H, d)``."""
+            all_pairs = torch.mm(
+                cells.reshape(n, -1).t(), weights
+            )  # (D, H): every head's cells × every head's weights
+            return all_pairs.view(n_heads, head_width, n_heads).diagonal(dim1=0, dim2=2).t()
 
         incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)
         outgoing = 1.0 / dot(k, q.sum(0) + eps)
-        allocation = torch.sigmoid(dot(q, torch.einsum("nhd,nh->hd", k, outgoing) + eps))
+        allocation = torch.sigmoid(dot(q, weighted_sum(k, outgoing) + eps))
         # The clamp to [-1, 1] bounds exp(), so the softmax over cells needs no max subtraction.
-        source = dot(k, torch.einsum("nhd,nh->hd", q, incoming) + eps).clamp(-1.0, 1.0).exp()
+        source = dot(k, weighted_sum(q, incoming) + eps).clamp(-1.0, 1.0).exp()
         competition = source * (n / source.sum(0))
         context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)
         heads = torch.einsum("nhd,hde->nhe", q, context)  # a head-major view
