@@ -168,9 +168,8 @@ class FlowAttention(_MultiHeadProjections):
 
         def weighted_sum(cells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
             """``sum_i weights_ih cells_ih``: ``(n, H, d)`` cells, ``(n, H)`` weights → ``(H, d)``."""
-            all_pairs = torch.mm(
-                cells.reshape(n, -1).t(), weights
-            )  # (D, H): every head's cells × every head's weights
+            # (D, H): every head's cells against every head's weights; the head-matched blocks are kept
+            all_pairs = torch.mm(cells.reshape(n, -1).t(), weights)
             return all_pairs.view(n_heads, head_width, n_heads).diagonal(dim1=0, dim2=2).t()
 
         incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)

@@ -66,9 +66,8 @@ def add_linear(
     """
     if (dropout.training and dropout.p > 0) or torch.is_autocast_enabled(x.device.type):
         return residual + dropout(linear(x))
-    if in_place:
-        return residual.addmm_(x, linear.weight.t()).add_(linear.bias)
-    return torch.addmm(residual, x, linear.weight.t()).add_(linear.bias)
+    out = residual.addmm_(x, linear.weight.t()) if in_place else torch.addmm(residual, x, linear.weight.t())
+    return out if linear.bias is None else out.add_(linear.bias)
 
 
 class CellEncoder(nn.Module):
