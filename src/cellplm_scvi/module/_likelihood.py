@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 
 from cellplm_scvi._constants import BATCH_KEYS
+from cellplm_scvi.nn._attention import segment_sum
 
 
 def entry_rows(indptr: torch.Tensor) -> torch.Tensor:
@@ -25,7 +26,7 @@ def dense_counts(tensors: dict[str, torch.Tensor], n_genes: int) -> torch.Tensor
 def library_sizes(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(N, 1)`` total counts of each cell."""
     indptr, data = tensors[BATCH_KEYS.X_INDPTR], tensors[BATCH_KEYS.X_DATA]
-    return data.new_zeros(indptr.numel() - 1).index_add_(0, entry_rows(indptr), data)[:, None]
+    return segment_sum(data, entry_rows(indptr), indptr.numel() - 1)[:, None]
 
 
 def entry_weights(

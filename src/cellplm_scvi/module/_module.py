@@ -18,7 +18,7 @@ from cellplm_scvi.nn import (
     Sinusoidal2dEncoding,
     TokenProjection,
 )
-from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids
+from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids, segment_sum
 from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
 from cellplm_scvi.nn._dropout import bernoulli_mask
 from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
@@ -347,7 +347,7 @@ class CellPLMModule(BaseModuleClass):
         if self.likelihood == "nb":
             entries = stored_entries(tensors, rows)
             row, _, counts = entries  # the scored cells' library sizes from their own entries
-            library = counts.new_zeros(rows.numel()).index_add_(0, row, counts)[:, None]
+            library = segment_sum(counts, row, rows.numel())[:, None]
             return nb_reconstruction(
                 px_logits, library, self.dispersion(), measured, masked, self.full_profile_weight, entries
             )
