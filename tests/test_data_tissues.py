@@ -231,10 +231,12 @@ def test_read_rows_matches_indexing_and_never_shares_the_input(rows):
 
 
 @pytest.mark.parametrize("layout", ["batches_concatenated", "batches_interleaved"])
-def test_measured_genes_are_the_genes_seen_in_each_batch(layout):
+def test_measured_genes_are_the_genes_seen_in_each_batch(layout, monkeypatch):
     import scipy.sparse as sp
 
-    from cellplm_scvi.data import measured_genes
+    from cellplm_scvi.data import _collate, measured_genes
+
+    monkeypatch.setattr(_collate, "ENTRIES_PER_PASS", 13)  # a batch's entries read in many stretches
 
     rng = np.random.default_rng(1)
     codes = np.repeat(np.arange(4), 50)

@@ -5,6 +5,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from cellplm_scvi.nn import (
@@ -14,6 +15,7 @@ from cellplm_scvi.nn import (
     FlowAttention,
     GaussianMixtureLatent,
     GeneBagEmbedder,
+    GroupNorm,
     LatentOutput,
     NormalLatent,
     Sinusoidal2dEncoding,
@@ -318,3 +320,29 @@ def test_gelu_overwrites_its_input_only_without_autograd():
     with torch.no_grad():
         GELU()(z)
     assert torch.equal(z, x)  # not in place unless asked
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_group_norm_of_rows_equals_torch_group_norm_forward_and_backward(affine):
+    torch.manual_seed(0)
+    ours, theirs = GroupNorm(4, 16, affine=affine), nn.GroupNorm(4, 16, affine=affine)
+    if affine:
+        with torch.no_grad():
+            ours.weight.normal_(), ours.bias.normal_()
+        theirs.load_state_dict(ours.state_dict())  # same parameters, same state dict keys
+    x = 3 * torch.randn(40, 16) + 1
+    upstream = torch.randn(40, 16)
+    results = []
+    for norm in (ours, theirs):
+        y = x.clone().requires_grad_(True)
+        out = norm(y)
+        (out * upstream).sum().backward()
+        results.append((out, y.grad, *[p.grad for p in norm.parameters()]))
+    for mine, reference in zip(*results, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+    images = torch.randn(3, 16, 5)  # other shapes: torch's own GroupNorm
+    torch.testing.assert_close(ours(images), theirs(images))
+    with pytest.raises(ValueError, match="Expected 16 channels"):
+        ours(torch.randn(40, 8))

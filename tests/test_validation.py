@@ -77,6 +77,25 @@ def test_log_normalised_input_warns_with_the_ways_out():
         CellPLM.setup_anndata(adata)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_count_check_reads_every_stored_value(dense):
+    from cellplm_scvi.model._validation import VALUES_PER_PASS, check_counts
+
+    counts = sp.random(600, 300, density=0.9, random_state=0, format="csr", dtype=np.float32)
+    counts.data = np.ceil(10 * counts.data)
+    assert counts.nnz > 2 * VALUES_PER_PASS  # several passes; the bad value sits in the last one
+    matrix = (lambda m: m.toarray()) if dense else (lambda m: m)
+    assert check_counts(matrix(counts), "X", chunk=250)
+    for bad, message in ((-1.0, "negative"), (np.nan, "NaN"), (np.inf, "infinite")):
+        broken = counts.copy()
+        broken.data[-1] = bad
+        with pytest.raises(ValueError, match=message):
+            check_counts(matrix(broken), "X", chunk=250)
+    broken = counts.copy()
+    broken.data[-1] = 2.5
+    assert not check_counts(matrix(broken), "X", chunk=250)
+
+
 def test_views_and_duplicated_genes_are_refused_duplicated_cells_warned():
     adata = make_tissues(n_cells=60)
     with pytest.raises(ValueError, match=r"view of another AnnData.*adata.copy\(\)"):

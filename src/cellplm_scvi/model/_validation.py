@@ -76,15 +76,21 @@ def check_spatial(adata: AnnData, spatial_key: str | None) -> None:
         )
 
 
+VALUES_PER_PASS = 1 << 16
+"""Stored values checked per pass by :func:`check_counts`."""
+
+
 def check_counts(matrix, where: str, chunk: int = 10_000) -> bool:
     """Reject negative / NaN / infinite values; return whether all values are integers.
 
-    Reads the stored values of an in-memory sparse matrix at once, other matrices (dense or
-    backed) in row chunks.
+    Reads the stored values of an in-memory sparse matrix in stretches of :data:`VALUES_PER_PASS`
+    (each checked while it is in cache), other matrices (dense or backed) in chunks of ``chunk``
+    rows.
     """
     integer = True
     if sp.issparse(matrix):
-        blocks = [matrix.data]
+        stored = matrix.data
+        blocks = (stored[start : start + VALUES_PER_PASS] for start in range(0, len(stored), VALUES_PER_PASS))
     else:
         blocks = (matrix[start : start + chunk] for start in range(0, matrix.shape[0], chunk))
     for block in blocks:
@@ -97,5 +103,5 @@ def check_counts(matrix, where: str, chunk: int = 10_000) -> bool:
                 f"{where} contains negative values; CellPLM needs raw counts. "
                 "Pass the counts with layer=... (e.g. layer='counts')."
             )
-        integer = integer and bool(np.all(values == np.round(values)))
+        integer = integer and bool(np.array_equal(values, np.rint(values)))
     return integer

@@ -13,6 +13,7 @@ from ._latent import (
     NormalLatent,
     ReleasedGaussianMixtureLatent,
 )
+from ._norm import GroupNorm
 from ._positional import Sinusoidal2dEncoding
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "GELU",
     "GaussianMixtureLatent",
     "GeneBagEmbedder",
+    "GroupNorm",
     "LatentOutput",
     "NormalLatent",
     "ReleasedGaussianMixtureLatent",

@@ -178,8 +178,9 @@ class FlowAttention(_MultiHeadProjections):
         # The clamp to [-1, 1] bounds exp(), so the softmax over cells needs no max subtraction.
         source = dot(k, weighted_sum(q, incoming) + eps).clamp(-1.0, 1.0).exp()
         competition = source * (n / source.sum(0))
-        context = torch.einsum("nhd,nhe->hde", k, v * competition[..., None])  # (H, d, d)
-        heads = torch.einsum("nhd,hde->nhe", q, context)  # a head-major view
+        # batched over heads straight on the strided views (einsum would copy them head-major first)
+        context = torch.bmm(k.permute(1, 2, 0), (v * competition[..., None]).transpose(0, 1))  # (H, d, d)
+        heads = torch.bmm(q.transpose(0, 1), context).transpose(0, 1)  # (n, H, d), a head-major view
         scale = (incoming * allocation)[..., None]
         if torch.is_grad_enabled():
             return heads * scale

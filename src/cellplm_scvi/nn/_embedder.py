@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._dropout import Dropout
+from ._norm import GroupNorm
 
 BLOCK_BYTES = 1 << 20
 """Bytes of gene table read per pass of the sparse bag without gradients (about half a core's L2)."""
@@ -148,5 +149,5 @@ class TokenProjection(nn.Sequential):
             nn.Linear(n_hidden, n_hidden),
             nn.ReLU(inplace=True),
             Dropout(dropout),
-            nn.GroupNorm(n_groups, n_hidden),
+            GroupNorm(n_groups, n_hidden),
         )
