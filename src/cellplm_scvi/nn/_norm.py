@@ -14,7 +14,9 @@ class GroupNorm(nn.GroupNorm):
     each group of ``C / num_groups`` channels followed by the per-channel affine map. Computed
     that way it gives the same result (to float rounding) with the same parameters and state
     dict, and runs faster on CPUs, where GroupNorm's kernel is written for images with a spatial
-    extent. Other input shapes use :class:`torch.nn.GroupNorm` itself.
+    extent. Under autocast it normalises in float32 and returns float32 (as GroupNorm does under
+    CUDA autocast; CPU autocast would run GroupNorm in the lower precision). Other input shapes
+    use :class:`torch.nn.GroupNorm` itself.
 
     Parameters
     ----------
