@@ -37,6 +37,8 @@ class GroupNorm(nn.GroupNorm):
         n_rows, n_channels = x.shape
         if n_channels != self.num_channels:
             raise ValueError(f"Expected {self.num_channels} channels, got input of shape {tuple(x.shape)}.")
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
         width = n_channels // self.num_groups
         normalised = F.layer_norm(x.reshape(n_rows, self.num_groups, width), (width,), eps=self.eps)
         normalised = normalised.view(n_rows, n_channels)
