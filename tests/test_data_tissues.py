@@ -236,7 +236,7 @@ def test_measured_genes_are_the_genes_seen_in_each_batch(layout, monkeypatch):
 
     from cellplm_scvi.data import _collate, measured_genes
 
-    monkeypatch.setattr(_collate, "ENTRIES_PER_PASS", 13)  # a batch's entries read in many stretches
+    monkeypatch.setattr(_collate, "VALUES_PER_PASS", 13)  # a batch's entries read in many stretches
 
     rng = np.random.default_rng(1)
     codes = np.repeat(np.arange(4), 50)

@@ -79,7 +79,8 @@ def test_log_normalised_input_warns_with_the_ways_out():
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_count_check_reads_every_stored_value(dense):
-    from cellplm_scvi.model._validation import VALUES_PER_PASS, check_counts
+    from cellplm_scvi._constants import VALUES_PER_PASS
+    from cellplm_scvi.model._validation import check_counts
 
     counts = sp.random(600, 300, density=0.9, random_state=0, format="csr", dtype=np.float32)
     counts.data = np.ceil(10 * counts.data)

@@ -33,3 +33,9 @@ class _BatchKeys(NamedTuple):
 
 CELLPLM_REGISTRY_KEYS = _RegistryKeys()
 BATCH_KEYS = _BatchKeys()
+
+
+VALUES_PER_PASS = 1 << 16
+"""Stored values of a sparse matrix read per pass where a whole-matrix check or count goes in
+cache-sized stretches (:func:`~cellplm_scvi.data.measured_genes`, the count check of
+``setup_anndata``)."""

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import Dataset
 
-from cellplm_scvi._constants import BATCH_KEYS
+from cellplm_scvi._constants import BATCH_KEYS, VALUES_PER_PASS
 
 from ._tissues import TissueIndex
 
@@ -40,9 +40,6 @@ def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
         block = matrix[rows[order]]
         block = block[np.argsort(order)]
     return sp.csr_matrix(block, dtype=np.float32, copy=block is matrix)  # never share the caller's arrays
-
-
-ENTRIES_PER_PASS = 1 << 16
 
 
 def _csr_row_run(matrix, start: int, stop: int) -> sp.csr_matrix:
@@ -94,15 +91,15 @@ def _measured_genes_by_runs(
 ) -> np.ndarray:
     """:func:`measured_genes` of a CSR matrix from the stored entries of each run of one batch.
 
-    Entries are counted in stretches of ``ENTRIES_PER_PASS`` so that the counter's index copy
-    stays in cache.
+    Entries are counted in stretches of :data:`~cellplm_scvi._constants.VALUES_PER_PASS` so that
+    the counter's copy of their indices stays in cache.
     """
     measured = np.zeros((n_batch, matrix.shape[1]), dtype=bool)
     bounds = np.concatenate([[0], run_starts, [matrix.shape[0]]])
     for first, stop in zip(bounds[:-1], bounds[1:], strict=True):
         seen = np.zeros(matrix.shape[1], dtype=np.int64)
-        for lo in range(matrix.indptr[first], matrix.indptr[stop], ENTRIES_PER_PASS):
-            hi = min(lo + ENTRIES_PER_PASS, matrix.indptr[stop])
+        for lo in range(matrix.indptr[first], matrix.indptr[stop], VALUES_PER_PASS):
+            hi = min(lo + VALUES_PER_PASS, matrix.indptr[stop])
             genes, values = matrix.indices[lo:hi], matrix.data[lo:hi]
             if not values.all():
                 genes = genes[values != 0]

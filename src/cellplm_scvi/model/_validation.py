@@ -8,6 +8,8 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from cellplm_scvi._constants import VALUES_PER_PASS
+
 
 def check_anndata(adata: AnnData) -> None:
     """Refuse views and duplicated gene names; warn about duplicated cell names."""
@@ -76,14 +78,11 @@ def check_spatial(adata: AnnData, spatial_key: str | None) -> None:
         )
 
 
-VALUES_PER_PASS = 1 << 16
-"""Stored values checked per pass by :func:`check_counts`."""
-
-
 def check_counts(matrix, where: str, chunk: int = 10_000) -> bool:
     """Reject negative / NaN / infinite values; return whether all values are integers.
 
-    Reads the stored values of an in-memory sparse matrix in stretches of :data:`VALUES_PER_PASS`
+    Reads the stored values of an in-memory sparse matrix in stretches of
+    :data:`~cellplm_scvi._constants.VALUES_PER_PASS`
     (each checked while it is in cache), other matrices (dense or backed) in chunks of ``chunk``
     rows.
     """

@@ -8,15 +8,14 @@ from torch import nn
 
 
 class GroupNorm(nn.GroupNorm):
-    """:class:`torch.nn.GroupNorm` computed as a layer norm per group for ``(N, C)`` inputs.
+    """:class:`torch.nn.GroupNorm` computed on CPUs as a layer norm per group for ``(N, C)`` inputs.
 
     For one feature vector per row (cells, channels), group normalisation is a layer norm over
     each group of ``C / num_groups`` channels followed by the per-channel affine map. Computed
-    that way it gives the same result (to float rounding) with the same parameters and state
-    dict, and runs faster on CPUs, where GroupNorm's kernel is written for images with a spatial
-    extent. Under autocast it normalises in float32 and returns float32 (as GroupNorm does under
-    CUDA autocast; CPU autocast would run GroupNorm in the lower precision). Other input shapes
-    use :class:`torch.nn.GroupNorm` itself.
+    that way on a CPU it gives the same result (to float rounding) with the same parameters and
+    state dict, faster than GroupNorm's CPU kernel, which is written for images with a spatial
+    extent. It returns the input's dtype; under autocast it normalises in float32 first. Other
+    devices and input shapes use :class:`torch.nn.GroupNorm` itself.
 
     Parameters
     ----------
@@ -32,14 +31,17 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` → ``(N, C)`` (other shapes as :class:`torch.nn.GroupNorm`)."""
-        if x.dim() != 2:
+        if x.dim() != 2 or x.device.type != "cpu":
             return super().forward(x)
         n_rows, n_channels = x.shape
         if n_channels != self.num_channels:
             raise ValueError(f"Expected {self.num_channels} channels, got input of shape {tuple(x.shape)}.")
-        if torch.is_autocast_enabled(x.device.type):
+        dtype = x.dtype
+        if torch.is_autocast_enabled("cpu"):
             x = x.float()
         width = n_channels // self.num_groups
         normalised = F.layer_norm(x.reshape(n_rows, self.num_groups, width), (width,), eps=self.eps)
         normalised = normalised.view(n_rows, n_channels)
-        return torch.addcmul(self.bias, normalised, self.weight) if self.affine else normalised
+        if self.affine:
+            normalised = torch.addcmul(self.bias, normalised, self.weight)
+        return normalised.to(dtype)
