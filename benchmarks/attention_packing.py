@@ -6,8 +6,8 @@ Run from the repository root::
     python benchmarks/attention_packing.py --quick   # smoke run, a few seconds
 
 :class:`cellplm_scvi.nn.FlowAttention` attends tissue by tissue when the mean tissue size of a
-minibatch reaches ``loop_above_cells_per_tissue`` and otherwise for all tissues at once (per-tissue
-sums gathered to every cell). For ``--cells`` cells cut into equal tissues of each size, this
+minibatch reaches ``loop_above_cells_per_tissue`` (``loop_threshold(D)``) and otherwise for all
+tissues at once (per-tissue sums gathered to every cell). For ``--cells`` cells cut into equal tissues of each size, this
 script times both paths, in one process, alternating, ``--repeats`` times (medians): inference
 (forward under ``torch.inference_mode()``) and training (forward and backward).
 
@@ -45,6 +45,7 @@ def main(argv=None) -> None:
     import torch
 
     from cellplm_scvi.nn import FlowAttention
+    from cellplm_scvi.nn._attention import loop_threshold
 
     T.set_threads(args.threads)
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
@@ -87,7 +88,7 @@ def main(argv=None) -> None:
                 )
                 print(rows[-1], flush=True)
 
-    default = FlowAttention.loop_above_cells_per_tissue
+    default = {width: loop_threshold(width) for width in args.widths}
     results = {
         "benchmark": "attention_packing",
         "machine": T.machine_info(),
@@ -100,7 +101,9 @@ def main(argv=None) -> None:
     info = results["machine"]
     table = [
         f"Flow attention packing, {args.cells:,} cells in equal tissues, {T.machine_summary(info)}; "
-        f"median of {args.repeats}. Default: one by one from {default} cells per tissue.",
+        f"median of {args.repeats}. Default: one by one from "
+        + ", ".join(f"{size} cells per tissue at D = {width:,}" for width, size in default.items())
+        + ".",
         "",
         "| D | cells per tissue | mode | one by one ms | all at once ms | faster |",
         "|---:|---:|---|---:|---:|---|",

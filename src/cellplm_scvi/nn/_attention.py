@@ -98,6 +98,19 @@ def fuse_projections(state_dict: dict, prefix: str) -> None:
             state_dict[f"{prefix}qkv.{p}"] = torch.cat(parts)
 
 
+def loop_threshold(n_hidden: int) -> int:
+    """Mean tissue size from which :class:`FlowAttention` attends tissues one by one: ``32768 / D``, at least 64.
+
+    One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
+    small tissues avoids a Python loop over them. Both give the same result. In two runs of
+    ``benchmarks/attention_packing.py`` (4,000 cells, 2 CPU threads) one by one was faster from
+    256 cells per tissue at ``D`` = 128 (inference: from 128 in one run; training: a tie at 256
+    in the other) and from 64 at ``D`` = 1,024 (at 16 the runs disagreed, within 8 %): the
+    threshold is 256 and 64 cells there.
+    """
+    return max(64, 32_768 // n_hidden)
+
+
 class FlowAttention(_MultiHeadProjections):
     """Flowformer attention (Wu et al., 2022), linear in the number of cells, per tissue.
 
@@ -122,17 +135,11 @@ class FlowAttention(_MultiHeadProjections):
         Stabiliser of the flow normalisation.
     """
 
-    loop_above_cells_per_tissue = 384
-    """Mean tissue size from which tissues are attended one by one rather than all at once.
-
-    One by one, no ``(N, H, d)`` temporary holds per-tissue sums; all at once, a minibatch of many
-    small tissues avoids a Python loop over them. Both give the same result. One by one is faster
-    from about 512 cells per tissue at ``D`` = 128 and from about 128–256 at ``D`` = 1,024
-    (``benchmarks/attention_packing.py``, 2 CPU threads)."""
-
     def __init__(self, n_hidden: int, n_heads: int, eps: float = 1e-6):
         super().__init__(n_hidden, n_heads)
         self.eps = eps
+        self.loop_above_cells_per_tissue = loop_threshold(n_hidden)
+        """Mean tissue size from which tissues are attended one by one (see :func:`loop_threshold`)."""
 
     def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` cell states → ``(N, D)`` concatenated heads, attending within segments."""
