@@ -14,7 +14,7 @@ class GroupNorm(nn.GroupNorm):
     each group of ``C / num_groups`` channels followed by the per-channel affine map. Computed
     that way on a CPU it gives the same result (to float rounding) with the same parameters and
     state dict, faster than GroupNorm's CPU kernel, which is written for images with a spatial
-    extent. It returns the input's dtype; under autocast it normalises in float32 first. Other
+    extent (``benchmarks/group_norm.py``). It returns the input's dtype; under autocast it normalises in float32 first. Other
     devices and input shapes use :class:`torch.nn.GroupNorm` itself.
 
     Parameters
@@ -42,6 +42,7 @@ class GroupNorm(nn.GroupNorm):
         width = n_channels // self.num_groups
         normalised = F.layer_norm(x.reshape(n_rows, self.num_groups, width), (width,), eps=self.eps)
         normalised = normalised.view(n_rows, n_channels)
-        if self.affine:
-            normalised = torch.addcmul(self.bias, normalised, self.weight)
+        if self.affine:  # without autograd, into the normalised tensor: no second (N, C) tensor
+            out = None if torch.is_grad_enabled() else normalised
+            normalised = torch.addcmul(self.bias, normalised, self.weight, out=out)
         return normalised.to(dtype)
