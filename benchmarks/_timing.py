@@ -355,6 +355,16 @@ def machine_summary(info: dict) -> str:
     return f"{info['cpu']}, {info['torch_threads']} torch threads, torch {info['torch']}, {info['date']}"
 
 
+def markdown_table(caption: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of ``caption``, a blank line and a markdown table.
+
+    A column name ending in ``">"`` is right-aligned (numbers); the marker is not shown.
+    """
+    header = [name.removesuffix(">") for name in columns]
+    rule = ["---:" if name.endswith(">") else "---" for name in columns]
+    return [caption, "", *("| " + " | ".join(cells) + " |" for cells in (header, rule, *rows))]
+
+
 def write_results(name: str, results: dict, table_rows: list[str]) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the table, then the command line); print it."""
     table_rows = [*table_rows, "", f"Command: `{results['machine']['command']}`"]

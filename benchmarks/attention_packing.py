@@ -99,20 +99,24 @@ def main(argv=None) -> None:
         "rows": rows,
     }
     info = results["machine"]
-    table = [
+    table = T.markdown_table(
         f"Flow attention packing, {args.cells:,} cells in equal tissues, {T.machine_summary(info)}; "
         f"median of {args.repeats}. Default: one by one from "
         + ", ".join(f"{size} cells per tissue at D = {width:,}" for width, size in default.items())
         + ".",
-        "",
-        "| D | cells per tissue | mode | one by one ms | all at once ms | faster |",
-        "|---:|---:|---|---:|---:|---|",
-    ]
-    table += [
-        f"| {r['width']} | {r['tissue_size']:,} | {r['mode']} | {r['one_by_one_ms']:.1f} | "
-        f"{r['all_at_once_ms']:.1f} | {r['faster']} |"
-        for r in rows
-    ]
+        ["D>", "cells per tissue>", "mode", "one by one ms>", "all at once ms>", "faster"],
+        [
+            [
+                str(r["width"]),
+                f"{r['tissue_size']:,}",
+                r["mode"],
+                f"{r['one_by_one_ms']:.1f}",
+                f"{r['all_at_once_ms']:.1f}",
+                r["faster"],
+            ]
+            for r in rows
+        ],
+    )
     T.write_results(output, results, table)
 
 

@@ -97,18 +97,22 @@ def main(argv=None) -> None:
         "repeats": args.repeats,
         "results": rows,
     }
-    table = [
+    table = T.markdown_table(
         f"GroupNorm of {args.rows:,} rows in {args.groups} groups, {T.machine_summary(results['machine'])}; "
         f"median of {args.repeats} rounds of {args.calls} calls.",
-        "",
-        "| C | mode | torch.nn.GroupNorm ms | ours ms | ours faster by | largest output difference |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
-    table += [
-        f"| {r['width']:,} | {r['mode']} | {r['torch_ms']:.3f} | {r['ours_ms']:.3f} | "
-        f"{r['speedup']:.2f}× | {r['max_abs_difference']:.1e} |"
-        for r in rows
-    ]
+        ["C>", "mode", "torch.nn.GroupNorm ms>", "ours ms>", "ours faster by>", "largest output difference>"],
+        [
+            [
+                f"{r['width']:,}",
+                r["mode"],
+                f"{r['torch_ms']:.3f}",
+                f"{r['ours_ms']:.3f}",
+                f"{r['speedup']:.2f}×",
+                f"{r['max_abs_difference']:.1e}",
+            ]
+            for r in rows
+        ],
+    )
     T.write_results(output, results, table)
 
 
