@@ -298,6 +298,22 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
+def median_ms_side_by_side(timers: dict, repeats: int, swap_order: bool = False) -> dict[str, float]:
+    """Median milliseconds of each timer (a call that runs one candidate and returns seconds).
+
+    One warm-up round, then ``repeats`` rounds that call every timer once, in the given order or,
+    with ``swap_order``, reversed every other round (the warm-up round reversed).
+    """
+    times = {name: [] for name in timers}
+    for round_ in range(repeats + 1):
+        names = list(timers)[:: -1 if swap_order and round_ % 2 == 0 else 1]
+        for name in names:
+            elapsed = timers[name]()
+            if round_:
+                times[name].append(elapsed)
+    return {name: 1e3 * median(values) for name, values in times.items()}
+
+
 # ------------------------------------------------------------------ data
 def reference_gene_list() -> list[str]:
     """The 19,374 Ensembl IDs of the original checkpoint (row order of its gene table)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,7 +52,9 @@ def main(argv=None) -> None:
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
     torch.manual_seed(0)
 
-    def seconds(attention, x, segment_ptr, train: bool) -> float:
+    def seconds(attention, loop_above: int, segment_ptr, width: int, train: bool) -> float:
+        attention.loop_above_cells_per_tissue = loop_above
+        x = torch.randn(int(segment_ptr[-1]), width)
         start = time.perf_counter()
         if train:
             attention(x.requires_grad_(), segment_ptr).sum().backward()
@@ -67,15 +70,12 @@ def main(argv=None) -> None:
             n_tissues = args.cells // size
             segment_ptr = torch.arange(0, n_tissues * size + 1, size)
             for mode in ("inference", "training"):
-                times = {path: [] for path in PATHS}
-                for repeat in range(args.repeats + 1):  # the first round warms up
-                    for path, loop_above in PATHS.items():
-                        attention.loop_above_cells_per_tissue = loop_above
-                        x = torch.randn(n_tissues * size, width)
-                        elapsed = seconds(attention, x, segment_ptr, mode == "training")
-                        if repeat:
-                            times[path].append(elapsed)
-                one, alll = (1e3 * T.median(times[p]) for p in PATHS)
+                timers = {
+                    path: partial(seconds, attention, above, segment_ptr, width, mode == "training")
+                    for path, above in PATHS.items()
+                }
+                medians = T.median_ms_side_by_side(timers, args.repeats)
+                one, alll = medians["one by one"], medians["all at once"]
                 rows.append(
                     {
                         "width": width,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,13 +72,12 @@ def main(argv=None) -> None:
                 for path, above in (("bag", 1.0), ("dense", 0.0))
             }
             for mode in ("inference", "training"):
-                times = {path: [] for path in embedders}
-                for embedder in embedders.values():  # warm-up
-                    seconds(embedder, csr, mode == "training")
-                for _ in range(args.repeats):
-                    for path, embedder in embedders.items():
-                        times[path].append(seconds(embedder, csr, mode == "training"))
-                bag_ms, dense_ms = (1e3 * T.median(times[p]) for p in ("bag", "dense"))
+                timers = {
+                    path: partial(seconds, embedder, csr, mode == "training")
+                    for path, embedder in embedders.items()
+                }
+                medians = T.median_ms_side_by_side(timers, args.repeats)
+                bag_ms, dense_ms = medians["bag"], medians["dense"]
                 rows.append(
                     {
                         "width": width,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,6 +49,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
 
     def seconds(norm, x: torch.Tensor, train: bool) -> float:
+        x = x.detach().clone()  # a fresh leaf for every timed round
         start = time.perf_counter()
         for _ in range(args.calls):
             if train:
@@ -68,13 +70,9 @@ def main(argv=None) -> None:
         with torch.inference_mode():
             difference = (norms["torch"](x) - ours(x)).abs().max().item()
         for mode in ("inference", "training"):
-            times = {name: [] for name in norms}
-            for repeat in range(args.repeats + 1):  # the first round warms up
-                for name in norms if repeat % 2 else reversed(norms):
-                    elapsed = seconds(norms[name], x.detach().clone(), mode == "training")
-                    if repeat:
-                        times[name].append(elapsed)
-            torch_ms, ours_ms = (1e3 * T.median(times[name]) for name in norms)
+            timers = {name: partial(seconds, norm, x, mode == "training") for name, norm in norms.items()}
+            medians = T.median_ms_side_by_side(timers, args.repeats, swap_order=True)
+            torch_ms, ours_ms = medians["torch"], medians["ours"]
             rows.append(
                 {
                     "width": width,
