@@ -57,10 +57,12 @@ def packed():
     "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
 )
 @pytest.mark.parametrize("loop_above", [0, 10**9], ids=["tissue-by-tissue", "packed"])
-def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above, grad_mode):
+@pytest.mark.parametrize("block_rows", [2, 10**9], ids=["blocks-of-2", "one-block"])
+def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above, block_rows, grad_mode):
     x, ptr = packed
     attn = FlowAttention(16, 4)
     attn.loop_above_cells_per_tissue = loop_above
+    attn.block_rows = block_rows  # without autograd, a tissue is visited in blocks of this many cells
     with grad_mode():
         out = attn(x, ptr)
     assert out.requires_grad == (grad_mode is torch.enable_grad)
@@ -122,6 +124,43 @@ def test_transformer_layer_matches_its_formula_and_leaves_its_input_alone(packed
     assert torch.equal(x, x_before)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x, ptr).dtype == torch.float32  # the residual stream keeps its dtype
+
+
+@pytest.mark.parametrize("attention", ["flow", "softmax"])
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference"])
+def test_encoder_in_blocks_equals_whole_tissues_and_leaves_its_input_alone(attention, grad_mode):
+    torch.manual_seed(0)
+    sizes = [300, 7, 1, 450, 40]  # two tissues span several blocks, small ones share blocks
+    x, ptr = torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
+    encoder = CellEncoder(16, 3, 4, 0.1, attention).eval()
+    x_before = x.clone()
+    with grad_mode():
+        whole = encoder(x, ptr)
+        for layer in encoder.layers:
+            layer.block_rows = 64
+            layer.attention.block_rows = 64  # flow only; unused by softmax
+        assert all(layer.runs_in_blocks(x) for layer in encoder.layers)
+        blocked = encoder(x, ptr)
+        one_layer = encoder.layers[0](x, ptr)
+    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        one_layer, transformer_layer_formula(encoder.layers[0], x, ptr), atol=1e-5, rtol=1e-5
+    )
+    assert torch.equal(x, x_before)
+    assert not torch.equal(blocked, x)
+
+
+def test_layers_run_in_blocks_only_in_evaluation_without_autograd_or_autocast():
+    layer = CellEncoder(16, 1, 4, 0.1, "flow").layers[0]
+    layer.block_rows = 8
+    x = torch.randn(9, 16)
+    with torch.no_grad():
+        assert not layer.train().runs_in_blocks(x)
+        assert layer.eval().runs_in_blocks(x)
+        assert not layer.runs_in_blocks(x[:8])  # one block
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not layer.runs_in_blocks(x)
+    assert not layer.runs_in_blocks(x)  # autograd
 
 
 def test_transformer_layer_in_training_matches_its_formula_with_dropout_and_gradients(packed):

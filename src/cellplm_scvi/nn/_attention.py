@@ -41,24 +41,56 @@ class _MultiHeadProjections(nn.Module):
         self.qkv = nn.Linear(n_hidden, 3 * n_hidden)
         self.out = nn.Linear(n_hidden, n_hidden)
 
-    def heads(self, x: torch.Tensor, sigmoid_query_key: bool = False) -> tuple[torch.Tensor, ...]:
+    sigmoid_query_key = False
+    """Whether queries and keys pass through a sigmoid after their projection."""
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``(N, D)`` → query, key and value, each ``(N, H, D/H)`` (views of one ``(N, 3D)`` tensor).
 
-        With ``sigmoid_query_key``, queries and keys pass through a sigmoid (in place when no
-        gradient is recorded).
+        Where :attr:`sigmoid_query_key` is set, queries and keys pass through a sigmoid (in place
+        when no gradient is recorded; with autograd they are views of a second tensor).
         """
-        n, width = x.shape
         qkv = self.qkv(x)
-        if sigmoid_query_key:
-            query_key = qkv[:, : 2 * width]
-            query_key = torch.sigmoid(query_key) if torch.is_grad_enabled() else query_key.sigmoid_()
-            q, k, v = query_key[:, :width], query_key[:, width:], qkv[:, 2 * width :]
-        else:
-            q, k, v = qkv.split(width, dim=1)
-        return tuple(t.view(n, self.n_heads, -1) for t in (q, k, v))
+        if not self.sigmoid_query_key:
+            return self.split_heads(qkv)
+        query_key = qkv[:, : 2 * x.shape[1]]
+        if not torch.is_grad_enabled():
+            query_key.sigmoid_()
+            return self.split_heads(qkv)
+        q, k = torch.sigmoid(query_key).chunk(2, dim=1)
+        v = qkv[:, 2 * x.shape[1] :]
+        return tuple(t.view(x.shape[0], self.n_heads, -1) for t in (q, k, v))
+
+    def project_into(self, x: torch.Tensor, qkv: torch.Tensor) -> None:
+        """Write the projections of ``(n, D)`` ``x`` into ``(n, 3D)`` ``qkv`` (no autograd).
+
+        ``split_heads(qkv)`` then gives what :meth:`heads` returns for ``x``.
+        """
+        torch.addmm(self.qkv.bias, x, self.qkv.weight.t(), out=qkv)
+        if self.sigmoid_query_key:
+            qkv[:, : 2 * x.shape[1]].sigmoid_()
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(N, 3D)`` projections → query, key and value views, each ``(N, H, D/H)``."""
+        return tuple(part.view(qkv.shape[0], self.n_heads, -1) for part in qkv.chunk(3, dim=1))
 
     def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` → ``(N, D)`` concatenated heads, before the output projection."""
+        return self.attend_heads(*self.heads(x), segment_ptr).reshape(x.shape[0], -1)
+
+    def attend_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segment_ptr: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention within segments: ``(N, H, d)`` query, key and value → ``(N, H, d)`` heads.
+
+        ``out`` (only without autograd) receives the result; it may be ``q`` itself, whose rows
+        are each read before they are overwritten.
+        """
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
@@ -111,6 +143,24 @@ def loop_threshold(n_hidden: int) -> int:
     return max(64, 32_768 // n_hidden)
 
 
+def block_rows(n_hidden: int) -> int:
+    """Cells per block where a large tissue is processed in blocks without autograd: ``2**20 / D``, at least 256.
+
+    A block's widest temporary (the ``(rows, 3D)`` projections) then takes 12 MiB in float32,
+    whatever the width: it stays in cache and its memory is reused from block to block, instead
+    of freshly mapped, page by page, for every tissue-sized temporary.
+    """
+    return max(256, (1 << 20) // n_hidden)
+
+
+def row_blocks(n_rows: int, rows_per_block: int) -> list[slice]:
+    """Consecutive slices of at most ``rows_per_block`` rows covering ``range(n_rows)`` (one if empty)."""
+    return [
+        slice(start, min(start + rows_per_block, n_rows))
+        for start in range(0, max(n_rows, 1), rows_per_block)
+    ]
+
+
 class FlowAttention(_MultiHeadProjections):
     """Flowformer attention (Wu et al., 2022), linear in the number of cells, per tissue.
 
@@ -135,67 +185,109 @@ class FlowAttention(_MultiHeadProjections):
         Stabiliser of the flow normalisation.
     """
 
+    sigmoid_query_key = True
+
     def __init__(self, n_hidden: int, n_heads: int, eps: float = 1e-6):
         super().__init__(n_hidden, n_heads)
         self.eps = eps
         self.loop_above_cells_per_tissue = loop_threshold(n_hidden)
         """Mean tissue size from which tissues are attended one by one (see :func:`loop_threshold`)."""
+        self.block_rows = block_rows(n_hidden)
+        """Cells per block where a tissue is attended in blocks (without autograd; see :func:`block_rows`)."""
 
-    def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` cell states → ``(N, D)`` concatenated heads, attending within segments."""
-        n_cells = x.shape[0]
-        q, k, v = self.heads(x, sigmoid_query_key=True)
-        n_segments = segment_ptr.numel() - 1
+    def attend_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segment_ptr: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flow attention within segments: ``(N, H, d)`` ×3 → ``(N, H, d)`` (written into ``out`` if given)."""
+        n_cells, n_segments = q.shape[0], segment_ptr.numel() - 1
         if n_segments == 1:
-            out = self._attend_tissue(q, k, v)
-        elif n_cells >= self.loop_above_cells_per_tissue * n_segments:
+            return self._attend_tissue(q, k, v, out)
+        if n_cells < self.loop_above_cells_per_tissue * n_segments:
+            return self._attend_packed(q, k, v, segment_ptr, out)
+        if out is None:
             out = torch.empty_like(v, memory_format=torch.contiguous_format)
-            bounds = segment_ptr.tolist()
-            for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-                out[start:stop] = self._attend_tissue(q[start:stop], k[start:stop], v[start:stop])
-        else:
-            out = self._attend_packed(q, k, v, segment_ptr)
-        return out.reshape(n_cells, -1)
+        bounds = segment_ptr.tolist()
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            tissue = slice(start, stop)
+            if torch.is_grad_enabled():
+                out[tissue] = self._attend_tissue(q[tissue], k[tissue], v[tissue])
+            else:
+                self._attend_tissue(q[tissue], k[tissue], v[tissue], out[tissue])
+        return out
 
-    def _attend_tissue(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend_tissue(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Flow attention among the ``n`` cells of one tissue: ``(n, H, d)`` ×3 → ``(n, H, d)``.
 
         Every ``<a_i + eps, s + eps>`` is taken as ``<a_i, s + eps> + eps * sum(s + eps)``, so that
         no ``(n, H, d)`` temporary is made for it. Per-head products with an ``(H, d)`` summary and
         per-head weighted sums over cells run as single matrix products over all heads (through a
         block-diagonal ``(D, H)`` matrix), which read the cells once, in their own layout.
+
+        Without autograd the cells are visited in blocks of :attr:`block_rows` (three passes gather
+        the tissue's sums, a fourth writes each block's heads into ``out``), so that no temporary
+        grows with the tissue. The competition's softmax denominator scales the ``(H, d, d)``
+        context once all blocks are summed.
         """
         eps, (n, n_heads, head_width) = self.eps, q.shape
         eye = torch.eye(n_heads, dtype=q.dtype, device=q.device)
 
         def dot(cells: torch.Tensor, summary: torch.Tensor) -> torch.Tensor:
-            """``<cells_i + eps, summary>`` per head: ``(n, H, d)`` cells, ``(H, d)`` summary → ``(n, H)``."""
+            """``<cells_i + eps, summary>`` per head: ``(m, H, d)`` cells, ``(H, d)`` summary → ``(m, H)``."""
             block_diagonal = (summary[:, :, None] * eye[:, None, :]).reshape(-1, n_heads)  # (D, H)
-            return torch.mm(cells.reshape(n, -1), block_diagonal) + eps * summary.sum(-1)
+            return torch.mm(cells.reshape(cells.shape[0], -1), block_diagonal) + eps * summary.sum(-1)
 
         def weighted_sum(cells: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-            """``sum_i weights_ih cells_ih``: ``(n, H, d)`` cells, ``(n, H)`` weights → ``(H, d)``."""
+            """``sum_i weights_ih cells_ih``: ``(m, H, d)`` cells, ``(m, H)`` weights → ``(H, d)``."""
             # (D, H): every head's cells against every head's weights; the head-matched blocks are kept
-            all_pairs = torch.mm(cells.reshape(n, -1).t(), weights)
+            all_pairs = torch.mm(cells.reshape(cells.shape[0], -1).t(), weights)
             return all_pairs.view(n_heads, head_width, n_heads).diagonal(dim1=0, dim2=2).t()
 
-        incoming = 1.0 / dot(q, k.sum(0) + eps)  # (n, H)
-        outgoing = 1.0 / dot(k, q.sum(0) + eps)
-        allocation = torch.sigmoid(dot(q, weighted_sum(k, outgoing) + eps))
+        grad = torch.is_grad_enabled()
+        blocks = [slice(0, n)] if grad else row_blocks(n, self.block_rows)
+        key_sum, query_sum = k.sum(0) + eps, q.sum(0) + eps
+        incoming = [1.0 / dot(q[b], key_sum) for b in blocks]  # (m, H) per block
+        key_flow = sum(weighted_sum(k[b], 1.0 / dot(k[b], query_sum)) for b in blocks) + eps
+        query_flow = sum(weighted_sum(q[b], i) for b, i in zip(blocks, incoming, strict=True)) + eps
         # The clamp to [-1, 1] bounds exp(), so the softmax over cells needs no max subtraction.
-        source = dot(k, weighted_sum(q, incoming) + eps).clamp(-1.0, 1.0).exp()
-        competition = source * (n / source.sum(0))
-        # batched over heads straight on the strided views (einsum would copy them head-major first)
-        context = torch.bmm(k.permute(1, 2, 0), (v * competition[..., None]).transpose(0, 1))  # (H, d, d)
-        heads = torch.bmm(q.transpose(0, 1), context).transpose(0, 1)  # (n, H, d), a head-major view
-        scale = (incoming * allocation)[..., None]
-        if torch.is_grad_enabled():
+        source_total, context = 0.0, 0.0
+        for b in blocks:
+            source = dot(k[b], query_flow).clamp(-1.0, 1.0).exp()
+            source_total = source_total + source.sum(0)
+            # batched over heads straight on the strided views (einsum would copy them head-major first)
+            context = context + torch.bmm(k[b].permute(1, 2, 0), (v[b] * source[..., None]).transpose(0, 1))
+        context = context * (n / source_total)[:, None, None]  # (H, d, d), with the competition's n / sum
+
+        def scaled_heads(b: slice, incoming_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """A block's ``(m, H, d)`` heads (a head-major view) and their ``(m, H, 1)`` scale."""
+            allocation = torch.sigmoid(dot(q[b], key_flow))
+            return torch.bmm(q[b].transpose(0, 1), context).transpose(0, 1), (incoming_b * allocation)[
+                ..., None
+            ]
+
+        if grad:
+            heads, scale = scaled_heads(blocks[0], incoming[0])
             return heads * scale
-        # scaled straight into a cell-major tensor: no copy when the heads are concatenated
-        return torch.mul(heads, scale, out=torch.empty(heads.shape, dtype=heads.dtype, device=heads.device))
+        if out is None:
+            out = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        for b, incoming_b in zip(blocks, incoming, strict=True):
+            # scaled straight into a cell-major tensor: no copy when the heads are concatenated
+            torch.mul(*scaled_heads(b, incoming_b), out=out[b])
+        return out
 
     def _attend_packed(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ptr: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segment_ptr: torch.Tensor,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow attention for all tissues at once: ``(N, H, d)`` ×3 → ``(N, H, d)``.
 
@@ -217,7 +309,8 @@ class FlowAttention(_MultiHeadProjections):
         competition = source / per_tissue(source) * lengths[segment, None]
         q = q * (incoming * allocation)[..., None]
         v = v * competition[..., None]
-        out = torch.empty_like(v)
+        if out is None:
+            out = torch.empty_like(v)
         bounds = segment_ptr.tolist()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             k_s, v_s, q_s = (t[start:stop].transpose(0, 1) for t in (k, v, q))  # (H, n, d)
@@ -239,15 +332,22 @@ class SoftmaxAttention(_MultiHeadProjections):
         Number of heads ``H``.
     """
 
-    def attend(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` cell states → ``(N, D)`` concatenated heads, attending within segments."""
-        q, k, v = self.heads(x)
-        out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    def attend_heads(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        segment_ptr: torch.Tensor,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Exact attention within segments: ``(N, H, d)`` ×3 → ``(N, H, d)`` (written into ``out`` if given)."""
+        if out is None:
+            out = torch.empty_like(v, memory_format=torch.contiguous_format)
         bounds = segment_ptr.tolist()
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             q_s, k_s, v_s = (t[start:stop].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, d)
             out[start:stop] = F.scaled_dot_product_attention(q_s, k_s, v_s)[0].transpose(0, 1)
-        return out.reshape(x.shape[0], -1)
+        return out
 
 
 ATTENTION_KINDS = {"flow": FlowAttention, "softmax": SoftmaxAttention}

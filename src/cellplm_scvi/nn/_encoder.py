@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._activation import GELU
-from ._attention import ATTENTION_KINDS
+from ._attention import ATTENTION_KINDS, block_rows, row_blocks
 from ._dropout import Dropout
 
 
@@ -41,8 +41,15 @@ class CellTransformerLayer(nn.Module):
             Dropout(dropout),
         )
 
+        self.block_rows = block_rows(n_hidden)
+        """Cells per block where the layer runs in blocks (see :meth:`runs_in_blocks`)."""
+
     def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` → ``(N, D)``; attention stays within the segments of ``segment_ptr``."""
+        if self.runs_in_blocks(x):
+            return self.forward_in_blocks(
+                x, segment_ptr, x.new_empty(x.shape[0], 3 * x.shape[1]), torch.empty_like(x)
+            )
         heads = self.attention.attend(self.norm1(x), segment_ptr)
         x = add_linear(x, heads, self.attention.out, self.attention_dropout)
         *hidden_layers, out_linear, out_dropout = self.feed_forward
@@ -51,6 +58,60 @@ class CellTransformerLayer(nn.Module):
             hidden = module(hidden)
         # x is this layer's own tensor now: without autograd the last sum may overwrite it
         return add_linear(x, hidden, out_linear, out_dropout, in_place=not torch.is_grad_enabled())
+
+    def runs_in_blocks(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward` visits the cells of ``(N, D)`` ``x`` in blocks of :attr:`block_rows`.
+
+        So it does for more than :attr:`block_rows` cells in evaluation mode, without autograd
+        and without autocast: every row-wise step (normalisations, projections, feed-forward)
+        then runs block by block, and the attention gathers its per-tissue sums block by block,
+        so that no temporary grows with ``N``. The result is the same up to float rounding.
+        """
+        return (
+            x.shape[0] > self.block_rows
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def forward_in_blocks(
+        self, x: torch.Tensor, segment_ptr: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer without autograd, block by block (see :meth:`runs_in_blocks`).
+
+        Parameters
+        ----------
+        x
+            ``(N, D)`` cell states.
+        segment_ptr
+            ``(T + 1,)`` cell offsets of the tissues.
+        qkv
+            ``(N, 3D)`` workspace for the projections; the attention heads overwrite the queries.
+        out
+            ``(N, D)`` destination of the result; it may be ``x`` itself.
+
+        Returns
+        -------
+        ``out``.
+        """
+        width = x.shape[1]
+        blocks = row_blocks(x.shape[0], self.block_rows)
+        for rows in blocks:
+            self.attention.project_into(self.norm1(x[rows]), qkv[rows])
+        q, k, v = self.attention.split_heads(qkv)
+        self.attention.attend_heads(q, k, v, segment_ptr, out=q)
+        heads = qkv[:, :width]
+        *hidden_layers, out_linear, out_dropout = self.feed_forward
+        for rows in blocks:
+            y = out[rows]
+            if out is not x:
+                y.copy_(x[rows])
+            add_linear(y, heads[rows], self.attention.out, self.attention_dropout, in_place=True)
+            hidden = self.norm2(y)
+            for module in hidden_layers:
+                hidden = module(hidden)
+            add_linear(y, hidden, out_linear, out_dropout, in_place=True)
+        return out
 
 
 def add_linear(
@@ -102,6 +163,13 @@ class CellEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
         """``(N, D)`` → ``(N, D)``."""
+        if self.layers and self.layers[0].runs_in_blocks(x):
+            # one projection workspace and one output for every layer; each after the first
+            # overwrites its input, so that nothing tissue-sized is allocated per layer
+            qkv, out = x.new_empty(x.shape[0], 3 * x.shape[1]), torch.empty_like(x)
+            for layer in self.layers:
+                x = layer.forward_in_blocks(x, segment_ptr, qkv, out)
+            return x
         for layer in self.layers:
             x = layer(x, segment_ptr)
         return x
