@@ -10,9 +10,10 @@ One tissue of ``N`` cells goes through :class:`cellplm_scvi.nn.CellEncoder` (``-
 ``randn(N, D)``, one segment), for ``attention="flow"`` and ``"softmax"``. Each (attention, N) runs
 in a fresh Python process: a first pass gives the peak resident memory (high-water mark above the
 RSS before the pass, input and weights excluded), then timed passes give the time per forward
-pass (median): at least ``--repeats`` passes, and more (up to 100) until ``--min-seconds`` of
-passes have run, so that the short passes of small tissues are not two samples of a noisy
-machine. Sizes whose predicted time (the last measured time scaled by
+pass (median) and the memory first touched per pass (minor page faults × page size: freshly
+mapped memory, paid page by page). At least ``--repeats`` passes are timed, and more (up to 100)
+until ``--min-seconds`` of passes have run, so that the short passes of small tissues are not two
+samples of a noisy machine. Sizes whose predicted time (the last measured time scaled by
 ``(N'/N)^2`` for softmax, ``N'/N`` for flow) exceeds ``--max-seconds`` per pass, or whose
 predicted memory exceeds ``--max-memory-gib``, are skipped and recorded as skipped.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -54,10 +56,12 @@ def worker(task: dict) -> dict:
             first = time.perf_counter() - start
         assert out.shape == x.shape and torch.isfinite(out).all()
         del out
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         while len(times) < task["repeats"] or (sum(times) < task["min_seconds"] and len(times) < 100):
             start = time.perf_counter()
             encoder(x, segment_ptr)
             times.append(time.perf_counter() - start)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     seconds = T.median(times)
     return {
         "seconds": seconds,
@@ -65,6 +69,7 @@ def worker(task: dict) -> dict:
         "first_pass_seconds": round(first, 4),
         "us_per_cell": 1e6 * seconds / n,
         "peak_mib": round(memory.delta_mib, 1),
+        "page_faults_mib_per_pass": round(faults * resource.getpagesize() / 2**20 / len(times), 1),
     }
 
 
@@ -145,7 +150,7 @@ def main(argv=None) -> None:
             last[attention] = (n, result["seconds"], result["peak_mib"])
             print(
                 f"{attention:8s} N={n:7d} {result['seconds']:8.3f} s/pass {result['us_per_cell']:8.2f} us/cell "
-                f"peak {result['peak_mib']:8.1f} MiB load {result['load_1min_after']}",
+                f"peak {result['peak_mib']:8.1f} MiB faults {result['page_faults_mib_per_pass']:8.1f} MiB/pass load {result['load_1min_after']}",
                 flush=True,
             )
 
@@ -168,20 +173,24 @@ def main(argv=None) -> None:
         f"{T.machine_summary(info)}, load {quiet['load_1min']} at start; median of at least {args.repeats} passes "
         f"and {args.min_seconds:g} s of passes per size.",
         "",
-        "| cells | flow s/pass | flow µs/cell | flow peak MiB | softmax s/pass | softmax µs/cell | softmax peak MiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| cells | flow s/pass | flow µs/cell | flow peak MiB | flow faults MiB/pass "
+        "| softmax s/pass | softmax µs/cell | softmax peak MiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n in sorted(args.sizes):
         cells = []
         for attention in ("flow", "softmax"):
             run = results["runs"].get(attention, {}).get(str(n))
+            empty = ["", "", ""] + ([""] if attention == "flow" else [])
             if run:
                 cells += [f"{run['seconds']:.3f}", f"{run['us_per_cell']:.1f}", f"{run['peak_mib']:,.0f}"]
+                if attention == "flow":
+                    cells.append(f"{run['page_faults_mib_per_pass']:,.0f}")
             elif str(n) in results["skipped"].get(attention, {}):
                 skip = results["skipped"][attention][str(n)]
-                cells += [f"skipped (~{skip['predicted_seconds']:.0f} s)", "", ""]
+                cells += [f"skipped (~{skip['predicted_seconds']:.0f} s)", *empty[1:]]
             else:
-                cells += ["", "", ""]
+                cells += empty
         rows.append(f"| {n:,} | " + " | ".join(cells) + " |")
     if "flow_linearity" in results:
         lin = results["flow_linearity"]
