@@ -174,7 +174,7 @@ def build_tissue_index(
         )
     tissue_codes = np.asarray(tissue_codes, dtype=np.int64)
     n_tissues = int(tissue_codes.max()) + 1 if len(tissue_codes) else 0
-    keys = stable_cell_keys(np.asarray(obs_names), seed)
+    obs_names = np.asarray(obs_names)
     order = np.argsort(tissue_codes, kind="stable")
     bounds = np.searchsorted(tissue_codes[order], np.arange(n_tissues + 1))
     origin = np.zeros((n_tissues, 2))
@@ -189,9 +189,12 @@ def build_tissue_index(
             origin[t] = points.min(0)
             extent = float(np.ptp(points, axis=0).max())
             scale[t] = extent if extent > 0 else 1.0
-            parts = spatial_tiles(points, keys[cells], max_cells_per_tissue)
+        if len(cells) <= max_cells_per_tissue:
+            parts = [np.arange(len(cells))]  # one unit: no cut, so no keys to hash
+        elif coords is not None:
+            parts = spatial_tiles(points, stable_cell_keys(obs_names[cells], seed), max_cells_per_tissue)
         else:
-            parts = random_chunks(keys[cells], max_cells_per_tissue)
+            parts = random_chunks(stable_cell_keys(obs_names[cells], seed), max_cells_per_tissue)
         units += [cells[p] for p in parts]
         unit_tissue += [t] * len(parts)
     sizes = np.array([len(u) for u in units], dtype=np.int64)
