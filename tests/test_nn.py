@@ -158,6 +158,7 @@ def test_layers_run_in_blocks_only_in_evaluation_without_autograd_or_autocast():
         assert not layer.train().runs_in_blocks(x)
         assert layer.eval().runs_in_blocks(x)
         assert not layer.runs_in_blocks(x[:8])  # one block
+        assert not layer.runs_in_blocks(x.to("meta"))  # CPUs only
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not layer.runs_in_blocks(x)
     assert not layer.runs_in_blocks(x)  # autograd

@@ -144,13 +144,18 @@ def loop_threshold(n_hidden: int) -> int:
 
 
 def block_rows(n_hidden: int) -> int:
-    """Cells per block where a large tissue is processed in blocks without autograd: ``2**20 / D``, at least 256.
+    """Cells per block where a large tissue is processed in blocks on a CPU without autograd: ``2**20 / D``, at least 256.
 
     A block's widest temporary (the ``(rows, 3D)`` projections) then takes 12 MiB in float32,
     whatever the width: it stays in cache and its memory is reused from block to block, instead
     of freshly mapped, page by page, for every tissue-sized temporary.
     """
     return max(256, (1 << 20) // n_hidden)
+
+
+def visits_in_blocks(x: torch.Tensor) -> bool:
+    """Whether work on ``x`` goes in row blocks: on a CPU (where the blocks were measured to pay) without autograd."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
 def row_blocks(n_rows: int, rows_per_block: int) -> list[slice]:
@@ -230,9 +235,9 @@ class FlowAttention(_MultiHeadProjections):
         per-head weighted sums over cells run as single matrix products over all heads (through a
         block-diagonal ``(D, H)`` matrix), which read the cells once, in their own layout.
 
-        Without autograd the cells are visited in blocks of :attr:`block_rows` (three passes gather
-        the tissue's sums, a fourth writes each block's heads into ``out``), so that no temporary
-        grows with the tissue. The competition's softmax denominator scales the ``(H, d, d)``
+        On a CPU without autograd the cells are visited in blocks of :attr:`block_rows` (three
+        passes gather the tissue's sums, a fourth writes each block's heads into ``out``), so that
+        no temporary grows with the tissue. The competition's softmax denominator scales the ``(H, d, d)``
         context once all blocks are summed.
         """
         eps, (n, n_heads, head_width) = self.eps, q.shape
@@ -250,7 +255,7 @@ class FlowAttention(_MultiHeadProjections):
             return all_pairs.view(n_heads, head_width, n_heads).diagonal(dim1=0, dim2=2).t()
 
         grad = torch.is_grad_enabled()
-        blocks = [slice(0, n)] if grad else row_blocks(n, self.block_rows)
+        blocks = row_blocks(n, self.block_rows) if visits_in_blocks(q) else [slice(0, n)]
         key_sum, query_sum = k.sum(0) + eps, q.sum(0) + eps
         incoming = [1.0 / dot(q[b], key_sum) for b in blocks]  # (m, H) per block
         key_flow = sum(weighted_sum(k[b], 1.0 / dot(k[b], query_sum)) for b in blocks) + eps

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._activation import GELU
-from ._attention import ATTENTION_KINDS, block_rows, row_blocks
+from ._attention import ATTENTION_KINDS, block_rows, row_blocks, visits_in_blocks
 from ._dropout import Dropout
 
 
@@ -62,15 +62,17 @@ class CellTransformerLayer(nn.Module):
     def runs_in_blocks(self, x: torch.Tensor) -> bool:
         """Whether :meth:`forward` visits the cells of ``(N, D)`` ``x`` in blocks of :attr:`block_rows`.
 
-        So it does for more than :attr:`block_rows` cells in evaluation mode, without autograd
-        and without autocast: every row-wise step (normalisations, projections, feed-forward)
-        then runs block by block, and the attention gathers its per-tissue sums block by block,
-        so that no temporary grows with ``N``. The result is the same up to float rounding.
+        So it does for more than :attr:`block_rows` cells on a CPU, in evaluation mode, without
+        autograd and without autocast: every row-wise step (normalisations, projections,
+        feed-forward) then runs block by block, and the attention gathers its per-tissue sums block
+        by block, so that no temporary grows with ``N``. The result is the same up to float
+        rounding. Elsewhere (GPUs, where no benchmark has measured the blocks) the whole
+        minibatch goes at once.
         """
         return (
             x.shape[0] > self.block_rows
             and not self.training
-            and not torch.is_grad_enabled()
+            and visits_in_blocks(x)
             and not torch.is_autocast_enabled(x.device.type)
         )
 
