@@ -198,7 +198,7 @@ class FlowAttention(_MultiHeadProjections):
         self.loop_above_cells_per_tissue = loop_threshold(n_hidden)
         """Mean tissue size from which tissues are attended one by one (see :func:`loop_threshold`)."""
         self.block_rows = block_rows(n_hidden)
-        """Cells per block where a tissue is attended in blocks (without autograd; see :func:`block_rows`)."""
+        """Cells per block where a tissue is attended in blocks (on a CPU without autograd; see :func:`block_rows`)."""
 
     def attend_heads(
         self,
