@@ -144,7 +144,7 @@ def loop_threshold(n_hidden: int) -> int:
 
 
 def block_rows(n_hidden: int) -> int:
-    """Cells per block where a large tissue is processed in blocks on a CPU without autograd: ``2**20 / D``, at least 256.
+    """Rows per block where a large minibatch goes in blocks (CPU, no autograd): ``2**20 / D``, at least 256.
 
     A block's widest temporary (the ``(rows, 3D)`` projections) then takes 12 MiB in float32,
     whatever the width: it stays in cache and its memory is reused from block to block, instead
@@ -154,7 +154,7 @@ def block_rows(n_hidden: int) -> int:
 
 
 def visits_in_blocks(x: torch.Tensor) -> bool:
-    """Whether work on ``x`` goes in row blocks: on a CPU (where the blocks were measured to pay) without autograd."""
+    """Whether work on ``x`` goes in row blocks: on a CPU (where blocks were measured) without autograd."""
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
@@ -198,7 +198,7 @@ class FlowAttention(_MultiHeadProjections):
         self.loop_above_cells_per_tissue = loop_threshold(n_hidden)
         """Mean tissue size from which tissues are attended one by one (see :func:`loop_threshold`)."""
         self.block_rows = block_rows(n_hidden)
-        """Cells per block where a tissue is attended in blocks (on a CPU without autograd; see :func:`block_rows`)."""
+        """Cells per block where a tissue is attended in blocks (see :func:`block_rows`)."""
 
     def attend_heads(
         self,
@@ -237,8 +237,8 @@ class FlowAttention(_MultiHeadProjections):
 
         On a CPU without autograd the cells are visited in blocks of :attr:`block_rows` (three
         passes gather the tissue's sums, a fourth writes each block's heads into ``out``), so that
-        no temporary grows with the tissue. The competition's softmax denominator scales the ``(H, d, d)``
-        context once all blocks are summed.
+        no temporary grows with the tissue. The competition's softmax denominator scales the
+        ``(H, d, d)`` context once all blocks are summed.
         """
         eps, (n, n_heads, head_width) = self.eps, q.shape
         eye = torch.eye(n_heads, dtype=q.dtype, device=q.device)
@@ -272,9 +272,8 @@ class FlowAttention(_MultiHeadProjections):
         def scaled_heads(b: slice, incoming_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """A block's ``(m, H, d)`` heads (a head-major view) and their ``(m, H, 1)`` scale."""
             allocation = torch.sigmoid(dot(q[b], key_flow))
-            return torch.bmm(q[b].transpose(0, 1), context).transpose(0, 1), (incoming_b * allocation)[
-                ..., None
-            ]
+            heads = torch.bmm(q[b].transpose(0, 1), context).transpose(0, 1)
+            return heads, (incoming_b * allocation)[..., None]
 
         if grad:
             heads, scale = scaled_heads(blocks[0], incoming[0])
