@@ -174,7 +174,7 @@ def test_token_sets_cover_every_cell_once_within_budget(tissue_sizes, max_cells,
     coords = rng.uniform(0, 10, size=(n, 2)) if spatial else None
     index = build_tissue_index(codes, _names(n), coords, max_cells)
     counts = sp.random(n, 7, density=0.4, random_state=seed, format="csr", dtype=np.float32)
-    data = TissueData(counts, np.zeros(n, np.int64), coords, np.ones((1, 7), bool), index)
+    data = TissueData(counts, np.zeros(n, np.int64), coords, index, n_batch=1)
     dataset = TokenSetDataset(data, index)
     budget = max_cells + extra
     sampler = TissuePackingSampler(index.unit_sizes, budget, shuffle=True, seed=seed)

@@ -91,6 +91,26 @@ def test_latents_repeatable_and_independent_of_batch_size_and_indices(trained):
     np.testing.assert_allclose(model.get_latent_representation(indices=idx), full[idx], **TOL)
 
 
+def test_embedding_never_reads_the_measured_genes():
+    from cellplm_scvi.data import measured_genes
+    from cellplm_scvi.data._loaders import tissue_data
+
+    adata = make_tissues(n_cells=120)
+    setup(adata)
+    model = CellPLM(adata, max_cells_per_tissue=30, **SMALL)
+    batches = list(model._context_batches(adata, np.arange(adata.n_obs), None))
+    assert batches and all(BATCH_KEYS.MEASURED not in b and BATCH_KEYS.MEASURED_ROW not in b for b in batches)
+    model.is_trained_ = True
+    model.get_latent_representation()
+    data = tissue_data(model.adata_manager, 30)
+    assert "measured" not in vars(data)  # not read: embedding needs no measured-gene table
+    model.train(max_epochs=1, max_cells_per_batch=90, accelerator="cpu", enable_progress_bar=False)
+    assert "measured" in vars(data)  # read once training masked genes
+    counts = adata.layers["counts"]
+    codes = np.asarray(adata.obs["_scvi_batch"])
+    np.testing.assert_array_equal(data.measured, measured_genes(counts, codes, data.n_batch))
+
+
 def test_bf16_latents_close_to_float32(trained):
     model, _ = trained
     full = model.get_latent_representation()

@@ -49,6 +49,21 @@ def test_masks_touch_measured_genes_only_and_count_cells_per_tissue():
     assert entries.sum() > 0
 
 
+def test_inference_without_measured_genes_only_where_nothing_is_masked():
+    tensors = make_batch()
+    module = CellPLMModule(10, 2, **SMALL)
+    without = {
+        k: v for k, v in module._get_inference_input(tensors).items() if k not in (K.MEASURED, K.MEASURED_ROW)
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.eval().inference(**without)["z"],
+            module.inference(**module._get_inference_input(tensors))["z"],
+        )
+        with pytest.raises(ValueError, match="measured-gene table"):
+            module.train().inference(**without)
+
+
 def test_masked_entries_are_zero_in_the_input():
     tensors = make_batch()
     module = CellPLMModule(10, 2, **SMALL).train()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import scipy.sparse as sp
@@ -120,17 +121,26 @@ class TissueData:
         ``(n_obs,)`` int64 batch code of each cell.
     coords
         ``(n_obs, 2)`` float64 coordinates, or ``None``.
-    measured
-        ``(n_batch, G)`` measured genes of each batch.
     index
         Tissues and units.
+    n_batch
+        Number of batches (rows of :attr:`measured`).
     """
 
     matrix: object
     batch_codes: np.ndarray
     coords: np.ndarray | None
-    measured: np.ndarray
     index: TissueIndex
+    n_batch: int
+
+    @cached_property
+    def measured(self) -> np.ndarray:
+        """``(n_batch, G)`` bool, the measured genes of each batch (:func:`measured_genes`).
+
+        Read from the matrix on first use: only masking and the loss need it, so embedding a
+        dataset never makes this extra pass over its counts.
+        """
+        return measured_genes(self.matrix, self.batch_codes, self.n_batch)
 
 
 class TokenSetDataset(Dataset):
@@ -148,14 +158,20 @@ class TokenSetDataset(Dataset):
     drop_cell_rate
         Training-time context dropout: this fraction of each unit's cells is left out of the
         minibatch (at least one cell is kept), chosen with torch's global generator.
+    with_measured
+        Serve the measured-gene table (``MEASURED`` and ``MEASURED_ROW``), which masking and the
+        loss need; inference alone does not.
     """
 
-    def __init__(self, data: TissueData, index: TissueIndex, drop_cell_rate: float = 0.0):
+    def __init__(
+        self, data: TissueData, index: TissueIndex, drop_cell_rate: float = 0.0, with_measured: bool = True
+    ):
         if not 0.0 <= drop_cell_rate < 1.0:
             raise ValueError(f"drop_cell_rate must be in [0, 1), got {drop_cell_rate}.")
         self.data = data
         self.index = index
         self.drop_cell_rate = drop_cell_rate
+        self.with_measured = with_measured
 
     def __len__(self) -> int:
         return self.index.n_units
@@ -177,7 +193,6 @@ class TokenSetDataset(Dataset):
         cells, segment_ptr = self._cells(list(units))
         counts = read_rows(self.data.matrix, cells)
         batch = self.data.batch_codes[cells]
-        batches_here, measured_row = np.unique(batch, return_inverse=True)
         if self.data.coords is not None:
             tissue = self.index.cell_tissue[cells]
             coords = (self.data.coords[cells] - self.index.tissue_origin[tissue]) / self.index.tissue_scale[
@@ -188,7 +203,7 @@ class TokenSetDataset(Dataset):
             coords = np.zeros((len(cells), 2))
             has_coords = np.zeros(len(cells), dtype=bool)
         tensor = lambda array, dtype: torch.from_numpy(np.asarray(array).astype(dtype, copy=False))
-        return {
+        minibatch = {
             BATCH_KEYS.OBS_INDEX: tensor(cells, np.int64),  # first: Lightning reads N from it
             BATCH_KEYS.X_INDPTR: tensor(counts.indptr, np.int64),
             BATCH_KEYS.X_INDICES: tensor(counts.indices, np.int64),
@@ -197,6 +212,9 @@ class TokenSetDataset(Dataset):
             BATCH_KEYS.SEGMENT_PTR: tensor(segment_ptr, np.int64),
             BATCH_KEYS.COORDS: tensor(coords, np.float32),
             BATCH_KEYS.HAS_COORDS: torch.from_numpy(has_coords),
-            BATCH_KEYS.MEASURED: torch.from_numpy(self.data.measured[batches_here]),
-            BATCH_KEYS.MEASURED_ROW: tensor(measured_row, np.int64),
         }
+        if self.with_measured:
+            batches_here, measured_row = np.unique(batch, return_inverse=True)
+            minibatch[BATCH_KEYS.MEASURED] = torch.from_numpy(self.data.measured[batches_here])
+            minibatch[BATCH_KEYS.MEASURED_ROW] = tensor(measured_row, np.int64)
+        return minibatch

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from cellplm_scvi._constants import CELLPLM_REGISTRY_KEYS
 
-from ._collate import TissueData, TokenSetDataset, measured_genes
+from ._collate import TissueData, TokenSetDataset
 from ._sampler import TissuePackingSampler
 from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
 
@@ -51,15 +51,14 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
         and not hasattr(matrix, "backend")
     ):
         matrix = matrix.tocsr()  # row slicing of CSC is slow; one conversion, nnz-sized
-    n_batch = adata_manager.summary_stats.n_batch
     data = TissueData(
         matrix=matrix,
         batch_codes=batch,
         coords=coords,
-        measured=measured_genes(matrix, batch, n_batch),
         index=build_tissue_index(
             tissue, adata_manager.adata.obs_names.to_numpy(), coords, max_cells_per_tissue, seed
         ),
+        n_batch=adata_manager.summary_stats.n_batch,
     )
     cache[(max_cells_per_tissue, seed)] = data
     return data
@@ -88,6 +87,9 @@ class TissueDataLoader(DataLoader):
         Context limit (largest unit).
     drop_cell_rate
         Training-time context dropout (see :class:`~cellplm_scvi.data.TokenSetDataset`).
+    with_measured
+        Serve the measured-gene table that masking and the loss need (see
+        :class:`~cellplm_scvi.data.TokenSetDataset`).
     epoch
         Epoch whose shuffle order to serve first.
     distributed_sampler
@@ -105,6 +107,7 @@ class TissueDataLoader(DataLoader):
         max_cells_per_batch: int | None = None,
         max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
         drop_cell_rate: float = 0.0,
+        with_measured: bool = True,
         epoch: int = 0,
         distributed_sampler: bool = False,
         **kwargs,
@@ -132,7 +135,10 @@ class TissueDataLoader(DataLoader):
         )
         sampler.set_epoch(epoch)
         super().__init__(
-            TokenSetDataset(data, index, drop_cell_rate), sampler=sampler, batch_size=None, **kwargs
+            TokenSetDataset(data, index, drop_cell_rate, with_measured),
+            sampler=sampler,
+            batch_size=None,
+            **kwargs,
         )
 
 

@@ -473,7 +473,9 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         # largest unit, not the training budget (the result does not depend on the packing).
         largest_unit = int(index.unit_sizes[units].max(initial=0))
         budget = max(batch_size or INFERENCE_CELLS_PER_BATCH, largest_unit)
-        loader = self._make_data_loader(adata=adata, indices=context, max_cells_per_batch=budget)
+        loader = self._make_data_loader(
+            adata=adata, indices=context, max_cells_per_batch=budget, with_measured=False
+        )
         return track(
             loader, description="CellPLM inference", disable=silent, style=settings.progress_bar_style
         )

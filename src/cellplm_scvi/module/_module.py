@@ -40,9 +40,9 @@ _INFERENCE_KEYS = (
     BATCH_KEYS.SEGMENT_PTR,
     BATCH_KEYS.COORDS,
     BATCH_KEYS.HAS_COORDS,
-    BATCH_KEYS.MEASURED,
-    BATCH_KEYS.MEASURED_ROW,
 )
+_MASKING_KEYS = (BATCH_KEYS.MEASURED, BATCH_KEYS.MEASURED_ROW)
+"""Only masking needs these; minibatches served for inference alone leave them out."""
 
 
 def _choose(name: str, value: str, options) -> str:
@@ -226,7 +226,8 @@ class CellPLMModule(BaseModuleClass):
 
     # -------------------------------------------------------------- inference
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict[str, torch.Tensor]:
-        return {key: tensors[key] for key in _INFERENCE_KEYS}
+        keys = _INFERENCE_KEYS + tuple(key for key in _MASKING_KEYS if key in tensors)
+        return {key: tensors[key] for key in keys}
 
     @auto_move_data
     def inference(
@@ -237,13 +238,14 @@ class CellPLMModule(BaseModuleClass):
         segment_ptr: torch.Tensor,
         coords: torch.Tensor,
         has_coords: torch.Tensor,
-        measured: torch.Tensor,
-        measured_row: torch.Tensor,
+        measured: torch.Tensor | None = None,
+        measured_row: torch.Tensor | None = None,
         n_samples: int = 1,
     ) -> dict:
         """Encode a token set.
 
-        Parameters are the minibatch tensors named in :data:`~cellplm_scvi._constants.BATCH_KEYS`;
+        Parameters are the minibatch tensors named in :data:`~cellplm_scvi._constants.BATCH_KEYS`
+        (``measured`` and ``measured_row`` only where training masks genes);
         ``n_samples`` draws that many ``z`` (training) or repeats the mean (evaluation).
 
         Returns
@@ -257,6 +259,8 @@ class CellPLMModule(BaseModuleClass):
         masked_cells = scored_cells = masked_entries = None
         values = x_data
         if self.training and self.mask_cell_rate > 0 and self.mask_gene_rate > 0:
+            if measured is None:
+                raise ValueError("Masking in training needs the minibatch's measured-gene table.")
             masked_cells, masked_entries = self._mask(
                 {
                     BATCH_KEYS.SEGMENT_PTR: segment_ptr,
