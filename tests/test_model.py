@@ -104,8 +104,9 @@ def test_embedding_never_reads_the_measured_genes():
     model.get_latent_representation()
     data = tissue_data(model.adata_manager, 30)
     assert "measured" not in vars(data)  # not read: embedding needs no measured-gene table
+    model._make_data_loader(adata=adata)  # a loader for training or the loss ...
+    assert "measured" in vars(data)  # ... reads it when built, before any worker process starts
     model.train(max_epochs=1, max_cells_per_batch=90, accelerator="cpu", enable_progress_bar=False)
-    assert "measured" in vars(data)  # read once training masked genes
     counts = adata.layers["counts"]
     codes = np.asarray(adata.obs["_scvi_batch"])
     np.testing.assert_array_equal(data.measured, measured_genes(counts, codes, data.n_batch))

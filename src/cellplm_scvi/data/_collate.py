@@ -171,7 +171,8 @@ class TokenSetDataset(Dataset):
         self.data = data
         self.index = index
         self.drop_cell_rate = drop_cell_rate
-        self.with_measured = with_measured
+        # read here, in the main process, not in every worker process a loader may start
+        self.measured = data.measured if with_measured else None
 
     def __len__(self) -> int:
         return self.index.n_units
@@ -213,8 +214,8 @@ class TokenSetDataset(Dataset):
             BATCH_KEYS.COORDS: tensor(coords, np.float32),
             BATCH_KEYS.HAS_COORDS: torch.from_numpy(has_coords),
         }
-        if self.with_measured:
+        if self.measured is not None:
             batches_here, measured_row = np.unique(batch, return_inverse=True)
-            minibatch[BATCH_KEYS.MEASURED] = torch.from_numpy(self.data.measured[batches_here])
+            minibatch[BATCH_KEYS.MEASURED] = torch.from_numpy(self.measured[batches_here])
             minibatch[BATCH_KEYS.MEASURED_ROW] = tensor(measured_row, np.int64)
         return minibatch

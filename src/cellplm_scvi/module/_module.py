@@ -42,7 +42,7 @@ _INFERENCE_KEYS = (
     BATCH_KEYS.HAS_COORDS,
 )
 _MASKING_KEYS = (BATCH_KEYS.MEASURED, BATCH_KEYS.MEASURED_ROW)
-"""Only masking needs these; minibatches served for inference alone leave them out."""
+"""Inference needs these only to mask genes in training; minibatches served for inference alone leave them out."""
 
 
 def _choose(name: str, value: str, options) -> str:
