@@ -116,6 +116,16 @@ def machine_info() -> dict:
     return info
 
 
+def results_head(benchmark: str, quiet: dict) -> dict:
+    """First fields of every results file: the benchmark, the machine, the quiet wait and the idle gate."""
+    return {
+        "benchmark": benchmark,
+        "machine": machine_info(),
+        "wait_for_quiet": quiet,
+        "idle_gate": dict(IDLE_GATE),
+    }
+
+
 def _relative_argv() -> list[str]:
     """``sys.argv`` with the script path relative to the repository root."""
     argv = list(sys.argv)

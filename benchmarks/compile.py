@@ -179,10 +179,7 @@ def main(argv=None) -> None:
                 }
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
         results = {
-            "benchmark": "compile",
-            "machine": T.machine_info(),
-            "wait_for_quiet": quiet,
-            "idle_gate": dict(T.IDLE_GATE),
+            **T.results_head("compile", quiet),
             "repeats": args.repeats,
             "runs": {},
             "summary": {},

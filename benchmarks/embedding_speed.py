@@ -324,10 +324,7 @@ def main(argv=None) -> None:
         prepared = prepare(workdir, args)
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
         results = {
-            "benchmark": "embedding_speed",
-            "machine": T.machine_info(),
-            "wait_for_quiet": quiet,
-            "idle_gate": dict(T.IDLE_GATE),
+            **T.results_head("embedding_speed", quiet),
             "data": prepared["data"],
             "params": prepared["params"],
             "repeats": args.repeats,

@@ -122,10 +122,7 @@ def main(argv=None) -> None:
     ceiling_cells_per_s = matmul_gflops * 1e9 / (flops_encoder / args.cells)
     per_pair = [(flops_encoder / e) / (flops_matmul / m) for m, e in zip(matmul_s, encoder_s, strict=True)]
     results = {
-        "benchmark": "hardware_limit",
-        "machine": T.machine_info(),
-        "wait_for_quiet": quiet,
-        "idle_gate": dict(T.IDLE_GATE),
+        **T.results_head("hardware_limit", quiet),
         "config": {
             "cells": args.cells,
             "hidden": args.hidden,

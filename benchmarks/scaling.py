@@ -110,10 +110,7 @@ def main(argv=None) -> None:
 
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
     results = {
-        "benchmark": "scaling",
-        "machine": T.machine_info(),
-        "wait_for_quiet": quiet,
-        "idle_gate": dict(T.IDLE_GATE),
+        **T.results_head("scaling", quiet),
         "encoder": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "dtype": "float32"},
         "runs": {a: {} for a in args.attention},
         "skipped": {a: {} for a in args.attention},

@@ -249,10 +249,7 @@ def main(argv=None) -> None:
             datasets[name] = {"data_path": str(path), "layer": None, "batch_key": "batch", "epochs": epochs}
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
         results = {
-            "benchmark": "training_speed",
-            "machine": T.machine_info(),
-            "wait_for_quiet": quiet,
-            "idle_gate": dict(T.IDLE_GATE),
+            **T.results_head("training_speed", quiet),
             "repeats": args.repeats,
             "runs": {},
             "summary": {},
