@@ -7,9 +7,12 @@ Run from the repository root::
 
 :class:`cellplm_scvi.nn.FlowAttention` attends tissue by tissue when the mean tissue size of a
 minibatch reaches ``loop_above_cells_per_tissue`` (``loop_threshold(D)``) and otherwise for all
-tissues at once (per-tissue sums gathered to every cell). For ``--cells`` cells cut into equal tissues of each size, this
-script times both paths, in one process, alternating, ``--repeats`` times (medians): inference
-(forward under ``torch.inference_mode()``) and training (forward and backward).
+tissues at once (per-tissue sums gathered to the cells' products). All at once, the last step
+contracts each tissue's ``d × d`` contexts in a loop over the tissues ("contexts"), or, below a
+mean of ``square_below_cells_per_tissue`` cells, every tissue's ``n × n`` scores in one padded
+batch ("squares"). For ``--cells`` cells cut into equal tissues of each size, this script times
+the three paths, in one process, alternating, ``--repeats`` times (medians): inference (forward
+under ``torch.inference_mode()``) and training (forward and backward).
 
 Writes ``benchmarks/results/attention_packing.{json,md}`` (``--quick``: ``attention_packing_quick``).
 """
@@ -26,7 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _timing as T
 
-PATHS = {"one by one": 0, "all at once": 10**9}  # values of loop_above_cells_per_tissue
+PATHS = {  # (loop_above_cells_per_tissue, square_below_cells_per_tissue)
+    "one by one": (0, 0),
+    "contexts": (10**9, 0),
+    "squares": (10**9, 10**9),
+}
 
 
 def main(argv=None) -> None:
@@ -35,25 +42,27 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--widths", type=int, nargs="+", default=[128, 1024], help="D (heads: D / 32, at most 8)"
     )
-    parser.add_argument("--tissue-sizes", type=int, nargs="+", default=[16, 64, 128, 256, 512, 1000])
+    parser.add_argument(
+        "--tissue-sizes", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    )
     parser.add_argument("--repeats", type=int, default=3)
     T.add_run_arguments(parser, "1,000 cells, D = 128, 2 sizes, 1 repeat", workers=False)
     args = parser.parse_args(argv)
     if args.quick:
-        args.cells, args.widths, args.tissue_sizes, args.repeats = 1000, [128], [16, 500], 1
+        args.cells, args.widths, args.tissue_sizes, args.repeats = 1000, [128], [8, 500], 1
     output = args.output or ("attention_packing_quick" if args.quick else "attention_packing")
 
     import torch
 
     from cellplm_scvi.nn import FlowAttention
-    from cellplm_scvi.nn._attention import loop_threshold
+    from cellplm_scvi.nn._attention import SQUARE_BELOW_CELLS_PER_TISSUE, loop_threshold
 
     T.set_threads(args.threads)
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
     torch.manual_seed(0)
 
-    def seconds(attention, loop_above: int, segment_ptr, width: int, train: bool) -> float:
-        attention.loop_above_cells_per_tissue = loop_above
+    def seconds(attention, thresholds: tuple[int, int], segment_ptr, width: int, train: bool) -> float:
+        attention.loop_above_cells_per_tissue, attention.square_below_cells_per_tissue = thresholds
         x = torch.randn(int(segment_ptr[-1]), width)
         start = time.perf_counter()
         if train:
@@ -71,19 +80,17 @@ def main(argv=None) -> None:
             segment_ptr = torch.arange(0, n_tissues * size + 1, size)
             for mode in ("inference", "training"):
                 timers = {
-                    path: partial(seconds, attention, above, segment_ptr, width, mode == "training")
-                    for path, above in PATHS.items()
+                    path: partial(seconds, attention, thresholds, segment_ptr, width, mode == "training")
+                    for path, thresholds in PATHS.items()
                 }
                 medians = T.median_ms_side_by_side(timers, args.repeats)
-                one, alll = medians["one by one"], medians["all at once"]
                 rows.append(
                     {
                         "width": width,
                         "tissue_size": size,
                         "mode": mode,
-                        "one_by_one_ms": round(one, 1),
-                        "all_at_once_ms": round(alll, 1),
-                        "faster": "one by one" if one < alll else "all at once",
+                        **{f"{path.replace(' ', '_')}_ms": round(ms, 1) for path, ms in medians.items()},
+                        "fastest": min(medians, key=medians.get),
                     }
                 )
                 print(rows[-1], flush=True)
@@ -96,6 +103,7 @@ def main(argv=None) -> None:
         "cells": args.cells,
         "repeats": args.repeats,
         "loop_above_cells_per_tissue": default,
+        "square_below_cells_per_tissue": SQUARE_BELOW_CELLS_PER_TISSUE,
         "rows": rows,
     }
     info = results["machine"]
@@ -103,16 +111,17 @@ def main(argv=None) -> None:
         f"Flow attention packing, {args.cells:,} cells in equal tissues, {T.machine_summary(info)}; "
         f"median of {args.repeats}. Default: one by one from "
         + ", ".join(f"{size} cells per tissue at D = {width:,}" for width, size in default.items())
-        + ".",
-        ["D>", "cells per tissue>", "mode", "one by one ms>", "all at once ms>", "faster"],
+        + f"; all at once through squares below {SQUARE_BELOW_CELLS_PER_TISSUE} cells per tissue.",
+        ["D>", "cells per tissue>", "mode", "one by one ms>", "contexts ms>", "squares ms>", "fastest"],
         [
             [
                 str(r["width"]),
                 f"{r['tissue_size']:,}",
                 r["mode"],
                 f"{r['one_by_one_ms']:.1f}",
-                f"{r['all_at_once_ms']:.1f}",
-                r["faster"],
+                f"{r['contexts_ms']:.1f}",
+                f"{r['squares_ms']:.1f}",
+                r["fastest"],
             ]
             for r in rows
         ],

@@ -53,21 +53,39 @@ def packed():
     return torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
 
 
+FLOW_PATHS = {  # (loop_above_cells_per_tissue, square_below_cells_per_tissue)
+    "tissue-by-tissue": (0, 0),
+    "packed-contexts": (10**9, 0),
+    "packed-squares": (10**9, 10**9),
+}
+
+
 @pytest.mark.parametrize(
     "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
 )
-@pytest.mark.parametrize("loop_above", [0, 10**9], ids=["tissue-by-tissue", "packed"])
+@pytest.mark.parametrize("path", FLOW_PATHS)
 @pytest.mark.parametrize("block_rows", [2, 10**9], ids=["blocks-of-2", "one-block"])
-def test_flow_attention_matches_naive_formula_per_tissue(packed, loop_above, block_rows, grad_mode):
+def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_rows, grad_mode):
     x, ptr = packed
-    attn = FlowAttention(16, 4)
-    attn.loop_above_cells_per_tissue = loop_above
+    attn = FlowAttention(16, 4, eps=0.05)  # an eps large enough for a misplaced one to show
+    attn.loop_above_cells_per_tissue, attn.square_below_cells_per_tissue = FLOW_PATHS[path]
     attn.block_rows = block_rows  # without autograd, a tissue is visited in blocks of this many cells
+    x = x.clone().requires_grad_(grad_mode is torch.enable_grad)
     with grad_mode():
         out = attn(x, ptr)
     assert out.requires_grad == (grad_mode is torch.enable_grad)
-    for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True):
-        torch.testing.assert_close(out[start:stop], naive_flow(attn, x[start:stop]), atol=1e-5, rtol=1e-5)
+    expected = torch.cat(
+        [
+            naive_flow(attn, x[start:stop])
+            for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True)
+        ]
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if out.requires_grad:
+        weights = torch.randn_like(out)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cls", [FlowAttention, SoftmaxAttention])
@@ -86,14 +104,28 @@ def test_packed_tissues_do_not_attend_to_each_other(cls, packed):
     assert not torch.allclose(out2[5:14], out[5:14])
 
 
-def test_softmax_attention_equals_block_diagonal_mask(packed):
+@pytest.mark.parametrize(
+    "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
+)
+def test_softmax_attention_equals_block_diagonal_mask(packed, grad_mode):
     x, ptr = packed
+    x = x.clone().requires_grad_(grad_mode is torch.enable_grad)
     attn = SoftmaxAttention(16, 4)
     seg = torch.repeat_interleave(torch.arange(4), ptr.diff())
     mask = seg[:, None] == seg[None, :]
-    q, k, v = (t.transpose(0, 1)[None] for t in attn.heads(x))
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0].transpose(0, 1).reshape(len(x), -1)
-    torch.testing.assert_close(attn(x, ptr), attn.out(expected), atol=1e-5, rtol=1e-5)
+    with grad_mode():
+        out = attn(x, ptr)
+        q, k, v = (t.transpose(0, 1)[None] for t in attn.heads(x))
+        expected = (
+            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0].transpose(0, 1).reshape(len(x), -1)
+        )
+        expected = attn.out(expected)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if out.requires_grad:
+        weights = torch.randn_like(out)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
 def test_encoder_is_permutation_equivariant_within_tissue(packed):
