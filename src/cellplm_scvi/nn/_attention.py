@@ -177,10 +177,10 @@ SQUARE_BELOW_CELLS_PER_TISSUE = 32
 
 For tissues of a few cells, ``(Q K^T) V`` on one padded batch (:func:`padded_square_attention`)
 beats a Python loop over the tissues' ``Q (K^T V)``. In ``benchmarks/attention_packing.py``
-(4,000 cells in equal tissues, 2 CPU threads) the squares were the faster at D = 128 up to 16
-cells per tissue in inference (1.1–1.7×, a tie at 32 and 64) and up to 128 in training
-(1.1–4×), and at D = 1,024 for 4 cells (1.05× in inference, 1.4× in training), within 4 %
-of the loop between 8 and 32 cells, and slower from 128.
+(4,000 cells in equal tissues of 4 to 1,000 cells, 2 CPU threads) the squares were faster at
+D = 128 up to 32 cells per tissue (1.1–2.0× in inference, 1.2–3.7× in training), and at
+D = 1,024 tied in inference up to 32 cells and 1.1–1.4× faster in training up to 16; from 64
+to 128 cells on, the loop was as fast or faster.
 """
 
 
