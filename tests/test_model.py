@@ -1,4 +1,5 @@
 import anndata as ad
+import lightning.pytorch as pl
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -110,6 +111,33 @@ def test_embedding_never_reads_the_measured_genes():
     counts = adata.layers["counts"]
     codes = np.asarray(adata.obs["_scvi_batch"])
     np.testing.assert_array_equal(data.measured, measured_genes(counts, codes, data.n_batch))
+
+
+class RecordModuleMode(pl.Callback):
+    """Whether the module was in training mode at each training step."""
+
+    def __init__(self):
+        self.modes = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.modes.append(pl_module.module.training)
+
+
+def test_training_again_after_embedding_runs_in_training_mode():
+    adata = make_tissues()
+    setup(adata)
+    model = fit(adata, epochs=1)
+    model.get_latent_representation()
+    assert not model.module.training  # scvi-tools leaves it in evaluation mode
+    recorder = RecordModuleMode()
+    model.train(
+        max_epochs=1,
+        max_cells_per_batch=90,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        callbacks=[recorder],
+    )
+    assert recorder.modes and all(recorder.modes)
 
 
 def test_bf16_latents_close_to_float32(trained):

@@ -15,7 +15,17 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class CellPLMTrainingPlan(TrainingPlan):
-    """scvi-tools' :class:`~scvi.train.TrainingPlan`, stopping before any update from a NaN or infinite loss."""
+    """scvi-tools' :class:`~scvi.train.TrainingPlan`, in training mode from the start, stopping before any update from a NaN or infinite loss."""
+
+    def on_fit_start(self) -> None:
+        """Put the module in training mode.
+
+        scvi-tools leaves it in evaluation mode after training, loading and inference, and
+        Lightning trains in whatever mode it finds: a second ``train()`` (or fine-tuning loaded
+        weights) would otherwise run without masking and dropout.
+        """
+        super().on_fit_start()
+        self.train()
 
     def training_step(self, batch, batch_idx):
         """One step; raises :class:`NonFiniteLossError` (no weight update) when the loss is not finite."""
