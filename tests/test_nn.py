@@ -88,6 +88,16 @@ def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_row
         torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "sizes, squares",
+    [([5, 9, 1, 7], True), ([40, 40], False), ([100] + [1] * 20, False), ([12] * 50, True)],
+    ids=["small", "large", "one-large-among-small", "many-equal"],
+)
+def test_flow_attention_contracts_through_scores_only_for_small_similar_tissues(sizes, squares):
+    attn = FlowAttention(16, 4)
+    assert attn._contracts_through_scores(torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))) == squares
+
+
 @pytest.mark.parametrize("cls", [FlowAttention, SoftmaxAttention])
 def test_packed_tissues_do_not_attend_to_each_other(cls, packed):
     x, ptr = packed

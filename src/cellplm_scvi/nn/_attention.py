@@ -332,9 +332,9 @@ class FlowAttention(_MultiHeadProjections):
         Per-tissue sums, ``(T, H, d)``, are gathered back to the cells only inside the per-cell
         products ``<a_i + eps, s_t(i)>``, which take ``<a_i, s> + eps * sum(s)`` as in
         :meth:`_attend_tissue` and sum each head's columns with one matrix product. The final
-        contraction ``(I_i Q_i) @ sum_j K_j^T (C_j V_j)`` runs tissue by tissue, or, where tissues
-        hold fewer than :attr:`square_below_cells_per_tissue` cells on average, for all of them
-        at once through their ``n × n`` scores (see :func:`padded_square_attention`).
+        contraction ``(I_i Q_i) @ sum_j K_j^T (C_j V_j)`` runs tissue by tissue, or, for tissues of
+        a few cells of similar sizes, for all of them at once through their ``n × n`` scores (see
+        :meth:`_contracts_through_scores`).
         """
         n_cells, n_heads, head_width = q.shape
         n_segments, eps = segment_ptr.numel() - 1, self.eps
@@ -359,7 +359,7 @@ class FlowAttention(_MultiHeadProjections):
         competition_scale = segment_ptr.diff().to(source.dtype)[:, None] / tissue_sum(source)
         q = q * (incoming * allocation)[..., None]
         v = v * (source * competition_scale.index_select(0, segment))[..., None]
-        if n_cells < self.square_below_cells_per_tissue * n_segments:
+        if self._contracts_through_scores(segment_ptr):
             heads = padded_square_attention(q, k, v, segment_ptr, segment)
             return heads if out is None else out.copy_(heads)
 
@@ -369,6 +369,20 @@ class FlowAttention(_MultiHeadProjections):
             return heads if dest is None else dest.copy_(heads)
 
         return each_segment(contract, segment_ptr, (q, k, v), out)
+
+    def _contracts_through_scores(self, segment_ptr: torch.Tensor) -> bool:
+        """Whether :meth:`_attend_packed` ends with :func:`padded_square_attention`.
+
+        So it does where tissues hold fewer than :attr:`square_below_cells_per_tissue` cells on
+        average and padding every tissue to the largest at most doubles the rows, which bounds
+        the padded batch (one large tissue among many small ones would blow it up).
+        """
+        lengths = segment_ptr.diff()
+        n_cells, n_segments = int(lengths.sum()), lengths.numel()
+        return (
+            n_cells < self.square_below_cells_per_tissue * n_segments
+            and int(lengths.max()) * n_segments <= 2 * n_cells
+        )
 
 
 def padded_square_attention(
