@@ -46,6 +46,21 @@ def naive_flow(attn: FlowAttention, x: torch.Tensor) -> torch.Tensor:
     return attn.out(out.transpose(0, 1).reshape(n, -1))
 
 
+GRAD_MODES = pytest.mark.parametrize(
+    "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
+)
+
+
+def assert_same_values_and_gradients(out: torch.Tensor, expected: torch.Tensor, x: torch.Tensor) -> None:
+    """``out`` equals ``expected``, and so do their gradients with respect to ``x`` where autograd ran."""
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    if out.requires_grad:
+        weights = torch.randn_like(out)
+        (grad,) = torch.autograd.grad((out * weights).sum(), x)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.fixture
 def packed():
     torch.manual_seed(0)
@@ -60,9 +75,7 @@ FLOW_PATHS = {  # (loop_above_cells_per_tissue, square_below_cells_per_tissue)
 }
 
 
-@pytest.mark.parametrize(
-    "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
-)
+@GRAD_MODES
 @pytest.mark.parametrize("path", FLOW_PATHS)
 @pytest.mark.parametrize("block_rows", [2, 10**9], ids=["blocks-of-2", "one-block"])
 def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_rows, grad_mode):
@@ -80,12 +93,7 @@ def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_row
             for start, stop in zip(ptr[:-1].tolist(), ptr[1:].tolist(), strict=True)
         ]
     )
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    if out.requires_grad:
-        weights = torch.randn_like(out)
-        (grad,) = torch.autograd.grad((out * weights).sum(), x)
-        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
-        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+    assert_same_values_and_gradients(out, expected, x)
 
 
 @pytest.mark.parametrize(
@@ -114,9 +122,7 @@ def test_packed_tissues_do_not_attend_to_each_other(cls, packed):
     assert not torch.allclose(out2[5:14], out[5:14])
 
 
-@pytest.mark.parametrize(
-    "grad_mode", [torch.enable_grad, torch.inference_mode], ids=["autograd", "inference"]
-)
+@GRAD_MODES
 def test_softmax_attention_equals_block_diagonal_mask(packed, grad_mode):
     x, ptr = packed
     x = x.clone().requires_grad_(grad_mode is torch.enable_grad)
@@ -130,12 +136,7 @@ def test_softmax_attention_equals_block_diagonal_mask(packed, grad_mode):
             F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0].transpose(0, 1).reshape(len(x), -1)
         )
         expected = attn.out(expected)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    if out.requires_grad:
-        weights = torch.randn_like(out)
-        (grad,) = torch.autograd.grad((out * weights).sum(), x)
-        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), x)
-        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-4)
+    assert_same_values_and_gradients(out, expected, x)
 
 
 def test_encoder_is_permutation_equivariant_within_tissue(packed):
