@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/attention_packing.py           # default: 4,000 cells, D = 128 and 1,024 (~2 min)
+    python benchmarks/attention_packing.py           # default: 4,000 cells, D = 128 and 1,024 (~5 min)
     python benchmarks/attention_packing.py --quick   # smoke run, a few seconds
 
 :class:`cellplm_scvi.nn.FlowAttention` attends tissue by tissue when the mean tissue size of a
