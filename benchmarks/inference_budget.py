@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/inference_budget.py           # default: small and 85M configurations (~4 min)
+    python benchmarks/inference_budget.py           # default: small and 85M configurations (~3 min)
     python benchmarks/inference_budget.py --quick   # smoke run, a few seconds
 
 ``get_latent_representation(batch_size=B)`` packs whole tissues into forward passes of at most
@@ -11,7 +11,7 @@ generated data (``--cells`` cells × 2,000 genes, equal tissues of each ``--tiss
 script times ``get_latent_representation`` at every budget of ``--budgets`` in one process,
 alternating, ``--repeats`` rounds after a warm-up (medians), with random weights, for the small
 configuration (D = 128) and the released 85M one (D = 1,024; ``--cells-85m`` cells, as it is
-eight times slower per cell).
+many times slower per cell).
 
 Writes ``benchmarks/results/inference_budget.{json,md}`` (``--quick``: ``inference_budget_quick``).
 """
