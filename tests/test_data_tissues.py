@@ -230,6 +230,23 @@ def test_read_rows_matches_indexing_and_never_shares_the_input(rows):
         assert counts.data.min() >= 0
 
 
+@pytest.mark.parametrize("rows", [np.arange(30), np.arange(5, 17), np.array([3, 1, 8, 2]), np.array([4])])
+def test_csr_parts_are_the_rows_in_minibatch_dtypes_and_never_share_the_input(rows):
+    import scipy.sparse as sp
+
+    from cellplm_scvi.data import csr_parts
+
+    counts = sp.random(30, 9, density=0.3, random_state=0, format="csr", dtype=np.float64)
+    for matrix in (counts, counts.toarray()):
+        indptr, indices, values = csr_parts(matrix, rows)
+        assert (indptr.dtype, indices.dtype, values.dtype) == (np.int64, np.int64, np.float32)
+        block = sp.csr_matrix((values, indices, indptr), shape=(len(rows), 9))
+        np.testing.assert_allclose(block.toarray(), counts.toarray()[rows], rtol=1e-6)
+        indices[:] = 0  # writing to the parts leaves the input alone
+        values[:] = -1
+        assert counts.data.min() >= 0 and counts.indices.max() > 0
+
+
 @pytest.mark.parametrize("layout", ["batches_concatenated", "batches_interleaved"])
 def test_measured_genes_are_the_genes_seen_in_each_batch(layout, monkeypatch):
     import scipy.sparse as sp

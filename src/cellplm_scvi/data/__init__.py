@@ -1,6 +1,6 @@
 """Data pipeline: tissue index, packing sampler, token-set collation, loaders and splitter."""
 
-from ._collate import TissueData, TokenSetDataset, measured_genes, read_rows
+from ._collate import TissueData, TokenSetDataset, csr_parts, measured_genes, read_rows
 from ._loaders import TissueDataLoader, TissueDataSplitter, split_units, tissue_data
 from ._sampler import TissuePackingSampler, pack_units, shard_units
 from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
@@ -13,6 +13,7 @@ __all__ = [
     "TissuePackingSampler",
     "TokenSetDataset",
     "build_tissue_index",
+    "csr_parts",
     "measured_genes",
     "pack_units",
     "random_chunks",

@@ -29,9 +29,10 @@ def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     -------
     ``(N, G)`` CSR matrix.
     """
-    run = len(rows) > 1 and np.all(np.diff(rows) == 1)
+    run = _is_row_run(rows)
     if run and isinstance(matrix, sp.csr_matrix | sp.csr_array):
-        return _csr_row_run(matrix, int(rows[0]), int(rows[-1]) + 1)
+        indptr, indices, data = _row_run_parts(matrix, rows, matrix.indices.dtype)
+        return sp.csr_matrix((data, indices, indptr), shape=(len(rows), matrix.shape[1]))
     if run:
         block = matrix[rows[0] : rows[-1] + 1]  # one slice, no gather
     elif isinstance(matrix, sp.csr_matrix | sp.csr_array | np.ndarray):
@@ -43,21 +44,40 @@ def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix(block, dtype=np.float32, copy=block is matrix)  # never share the caller's arrays
 
 
-def _csr_row_run(matrix, start: int, stop: int) -> sp.csr_matrix:
-    """Rows ``[start, stop)`` of a CSR matrix as float32 CSR, copied straight from its stored arrays.
+def _is_row_run(rows: np.ndarray) -> bool:
+    """Whether ``rows`` are consecutive increasing indices (more than one)."""
+    return len(rows) > 1 and bool(np.all(np.diff(rows) == 1))
 
-    A run of rows is one contiguous stretch of ``indices`` and ``data``: two copies, no per-row
-    gather (scipy's general slicing walks the rows one by one).
+
+def _row_run_parts(
+    matrix, rows: np.ndarray, index_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR row pointer, column indices (both ``index_dtype``) and float32 values of a run of rows of a CSR matrix.
+
+    A run of rows is one contiguous stretch of ``indices`` and ``data``: each is converted in one
+    pass into a new array, with no per-row gather (scipy's general slicing walks the rows one by one).
     """
+    start, stop = int(rows[0]), int(rows[-1]) + 1
     low, high = matrix.indptr[start], matrix.indptr[stop]
-    return sp.csr_matrix(
-        (
-            matrix.data[low:high].astype(np.float32, copy=True),
-            matrix.indices[low:high].copy(),
-            matrix.indptr[start : stop + 1] - low,
-        ),
-        shape=(stop - start, matrix.shape[1]),
+    return (
+        (matrix.indptr[start : stop + 1] - low).astype(index_dtype, copy=False),
+        matrix.indices[low:high].astype(index_dtype, copy=True),
+        matrix.data[low:high].astype(np.float32, copy=True),
     )
+
+
+def csr_parts(matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a matrix as CSR parts: ``(N + 1,)`` int64 row pointer, ``(nnz,)`` int64 columns, ``(nnz,)`` float32 values.
+
+    What :func:`read_rows` reads, in the dtypes of a minibatch and never sharing the input's
+    arrays. A run of rows of an in-memory CSR matrix is converted straight from its stored arrays,
+    one pass per array (scipy would keep its column indices in int32, which costs a second pass
+    to widen).
+    """
+    if _is_row_run(rows) and isinstance(matrix, sp.csr_matrix | sp.csr_array):
+        return _row_run_parts(matrix, rows, np.dtype(np.int64))
+    block = read_rows(matrix, rows)
+    return block.indptr.astype(np.int64), block.indices.astype(np.int64), block.data
 
 
 def measured_genes(matrix, batch_codes: np.ndarray, n_batch: int, chunk: int = 10_000) -> np.ndarray:
@@ -192,7 +212,7 @@ class TokenSetDataset(Dataset):
 
     def __getitem__(self, units: list[int]) -> dict[str, torch.Tensor]:
         cells, segment_ptr = self._cells(list(units))
-        counts = read_rows(self.data.matrix, cells)
+        indptr, indices, values = csr_parts(self.data.matrix, cells)
         batch = self.data.batch_codes[cells]
         if self.data.coords is not None:
             tissue = self.index.cell_tissue[cells]
@@ -206,9 +226,9 @@ class TokenSetDataset(Dataset):
         tensor = lambda array, dtype: torch.from_numpy(np.asarray(array).astype(dtype, copy=False))
         minibatch = {
             BATCH_KEYS.OBS_INDEX: tensor(cells, np.int64),  # first: Lightning reads N from it
-            BATCH_KEYS.X_INDPTR: tensor(counts.indptr, np.int64),
-            BATCH_KEYS.X_INDICES: tensor(counts.indices, np.int64),
-            BATCH_KEYS.X_DATA: tensor(counts.data, np.float32),
+            BATCH_KEYS.X_INDPTR: torch.from_numpy(indptr),
+            BATCH_KEYS.X_INDICES: torch.from_numpy(indices),
+            BATCH_KEYS.X_DATA: torch.from_numpy(values),
             BATCH_KEYS.BATCH: tensor(batch, np.int64),
             BATCH_KEYS.SEGMENT_PTR: tensor(segment_ptr, np.int64),
             BATCH_KEYS.COORDS: tensor(coords, np.float32),
