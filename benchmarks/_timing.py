@@ -62,6 +62,15 @@ def reset_peak() -> None:
         handle.write("5")
 
 
+ALLOCATORS = {
+    "glibc default": {},
+    # a fixed mmap threshold returns every freed large block to the system at once, so the
+    # high-water mark counts live memory only, not heap fragmentation
+    "large blocks mmapped": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)},
+}
+"""Environment variables of a worker process (:func:`run_worker`) for each glibc allocator setting."""
+
+
 class PeakMemory:
     """Peak resident memory of a ``with`` block above the RSS at its start.
 

@@ -41,6 +41,11 @@ the medians are reported and the ratios are ours / reference:
   the model weights (the reference always holds its 19,374-gene table and a 10,000-row positional
   table; ours holds a table for the genes of the data).
 
+With ``--large-blocks-mmapped`` every worker runs with glibc's large blocks always mmapped
+(``MALLOC_MMAP_THRESHOLD_``, as in ``training_speed.py``): each freed large block goes back to
+the system at once, so the peaks count live memory, not heap fragmentation, which otherwise moves
+a peak by tens of MiB from run to run of the same code.
+
 Writes ``benchmarks/results/embedding_speed.{json,md}`` (``--quick``: ``embedding_speed_quick``).
 """
 
@@ -307,6 +312,11 @@ def main(argv=None) -> None:
         choices=["32", "bf16-mixed"],
         help="ours: float32 (default) or bfloat16 autocast (get_latent_representation(precision=...))",
     )
+    parser.add_argument(
+        "--large-blocks-mmapped",
+        action="store_true",
+        help="workers map every large block afresh (MALLOC_MMAP_THRESHOLD_): peaks count live memory",
+    )
     args = parser.parse_args(argv)
 
     if args.worker:
@@ -323,6 +333,7 @@ def main(argv=None) -> None:
         print("preparing data and weights ...", flush=True)
         prepared = prepare(workdir, args)
         quiet = T.wait_for_quiet(args.max_load, args.max_wait)
+        allocator = "large blocks mmapped" if args.large_blocks_mmapped else "glibc default"
         results = {
             **T.results_head("embedding_speed", quiet),
             "data": prepared["data"],
@@ -330,6 +341,7 @@ def main(argv=None) -> None:
             "repeats": args.repeats,
             "ours_load_weights": args.ours_load_weights,
             "ours_precision": args.ours_precision,
+            "allocator": allocator,
             "runs": {},
             "summary": {},
         }
@@ -349,7 +361,7 @@ def main(argv=None) -> None:
                             "ours_load_weights": args.ours_load_weights,
                             "ours_precision": args.ours_precision,
                         }
-                        result = T.run_worker(__file__, task)
+                        result = T.run_worker(__file__, task, env=T.ALLOCATORS[allocator])
                         runs[system].append(result)
                         print(
                             f"{name:6s} {measure:10s} {system:9s} {result['cells_per_s']:9.0f} cells/s  "
@@ -388,7 +400,7 @@ def main(argv=None) -> None:
     rows = [
         f"Embedding speed, {results['data']['n_cells']:,} cells x {results['data']['n_genes']:,} genes "
         f"(tissues of {args.cells_per_tissue:,}), {T.machine_summary(info)}, load {quiet['load_1min']} at start; median of {args.repeats}; "
-        f"ours in {'float32' if args.ours_precision == '32' else 'bfloat16 autocast'}.",
+        f"ours in {'float32' if args.ours_precision == '32' else 'bfloat16 autocast'}; allocator: {allocator}.",
         "",
         "| config | measure | reference cells/s | ours cells/s | speed ours/ref | reference peak MiB | ours peak MiB | memory ours/ref |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

@@ -146,14 +146,6 @@ def worker(task: dict) -> dict:
 
 
 # ------------------------------------------------------------------ memory bound
-ALLOCATORS = {
-    "glibc default": {},
-    # a fixed mmap threshold returns every freed large block to the system at once, so the
-    # high-water mark counts live memory only, not heap fragmentation
-    "large blocks mmapped": {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)},
-}
-
-
 def memory_bound(spec: dict, n_cells: int, n_small: int = 20_000) -> dict:
     """Training peak memory for one epoch at ``n_small`` cells and at ``n_cells``, per allocator setting.
 
@@ -181,7 +173,7 @@ def memory_bound(spec: dict, n_cells: int, n_small: int = 20_000) -> dict:
         f"scvi_{n_cells // 1000}k": {**full, "system": "scvi"},
     }
     bound = {}
-    for allocator, env in ALLOCATORS.items():
+    for allocator, env in T.ALLOCATORS.items():
         for label, task in runs.items():
             result = T.run_worker(__file__, task, timeout_s=1800, env=env)
             bound.setdefault(label, {"n_cells": result["n_cells"]})[allocator] = result["peak_mib"]
@@ -325,11 +317,11 @@ def main(argv=None) -> None:
             "",
             "Peak memory of one training epoch (MiB above the RSS before `train()`):",
             "",
-            "| training run | cells | " + " | ".join(ALLOCATORS) + " |",
-            "|---|---:|" + "---:|" * len(ALLOCATORS),
+            "| training run | cells | " + " | ".join(T.ALLOCATORS) + " |",
+            "|---|---:|" + "---:|" * len(T.ALLOCATORS),
         ]
         for label, r in results["memory_bound"].items():
-            peaks = " | ".join(f"{r[a]:,.0f}" for a in ALLOCATORS)
+            peaks = " | ".join(f"{r[a]:,.0f}" for a in T.ALLOCATORS)
             rows.append(f"| {label} | {r['n_cells']:,} | {peaks} |")
     T.write_results(output, results, rows)
 
