@@ -191,6 +191,10 @@ def test_encoder_in_blocks_equals_whole_tissues_and_leaves_its_input_alone(atten
     )
     assert torch.equal(x, x_before)
     assert not torch.equal(blocked, x)
+    with grad_mode():
+        overwritten = encoder(x, ptr, overwrite_input=True)
+    assert overwritten.data_ptr() == x.data_ptr()  # the result took the input's memory
+    torch.testing.assert_close(overwritten, blocked, atol=1e-6, rtol=1e-6)
 
 
 def test_layers_run_in_blocks_only_in_evaluation_without_autograd_or_autocast():

@@ -276,7 +276,7 @@ class CellPLMModule(BaseModuleClass):
             token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()
             h = h + self.positional_encoding(coords, has_coords, token_scale)
         h = self.projection(h)
-        h = self.pre_latent_norm(self.encoder(h, segment_ptr))
+        h = self.pre_latent_norm(self.encoder(h, segment_ptr, overwrite_input=True))  # h is our own
         latent = self.latent(h, n_samples=n_samples)
         return {
             "z": latent.z,

@@ -163,12 +163,27 @@ class CellEncoder(nn.Module):
             CellTransformerLayer(n_hidden, n_heads, dropout, attention) for _ in range(n_layers)
         )
 
-    def forward(self, x: torch.Tensor, segment_ptr: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` → ``(N, D)``."""
+    def forward(
+        self, x: torch.Tensor, segment_ptr: torch.Tensor, overwrite_input: bool = False
+    ) -> torch.Tensor:
+        """``(N, D)`` → ``(N, D)``.
+
+        Parameters
+        ----------
+        x
+            ``(N, D)`` cell tokens.
+        segment_ptr
+            ``(T + 1,)`` cell offsets of the tissues.
+        overwrite_input
+            Where the layers run in blocks (see :meth:`CellTransformerLayer.runs_in_blocks`),
+            write the result into ``x`` itself, whose values are then lost: one ``(N, D)``
+            tensor fewer. Elsewhere ``x`` is left alone either way.
+        """
         if self.layers and self.layers[0].runs_in_blocks(x):
             # one projection workspace and one output for every layer; each after the first
             # overwrites its input, so that nothing tissue-sized is allocated per layer
-            qkv, out = x.new_empty(x.shape[0], 3 * x.shape[1]), torch.empty_like(x)
+            qkv = x.new_empty(x.shape[0], 3 * x.shape[1])
+            out = x if overwrite_input else torch.empty_like(x)
             for layer in self.layers:
                 x = layer.forward_in_blocks(x, segment_ptr, qkv, out)
             return x
