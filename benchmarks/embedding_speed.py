@@ -27,12 +27,13 @@ the medians are reported and the ratios are ours / reference:
   once (one tissue = one forward call of ``--cells-per-tissue`` cells for both systems); inputs are
   prepared before the clock starts (reference: its ``x_dict`` with a sparse COO ``x_seq`` and
   ``input_gene_list``; ours: minibatches from the model's own data loader, passed to
-  ``module.inference``). Peak memory is the high-water mark of a first pass above the RSS before
-  it (weights and inputs excluded); the second pass is timed (warm), and its own high-water mark
-  above the RSS before it is the *later-pass peak*: the model's working memory once the
-  libraries' first-use allocations (BLAS buffers, thread arenas), which a first pass includes and
-  the process keeps, are made. It means something with ``--large-blocks-mmapped`` only: with
-  glibc's default allocator a later pass reuses the heap the first one grew, and its peak above
+  ``module.inference``); each call's outputs are released before the next call. Peak memory is
+  the high-water mark of a first pass above the RSS before it (weights and inputs excluded); the
+  second pass is timed (warm), and its own high-water mark above the RSS before it is the
+  *later-pass peak*: the model's working memory once the libraries' first-use allocations (BLAS
+  buffers, thread arenas), which a first pass includes and the process keeps, are made. It means
+  something with ``--large-blocks-mmapped`` only: with glibc's default allocator a later pass
+  reuses the heap the first one grew, and its peak above
   the RSS before it is about zero.
 * ``end_to_end``: AnnData in -> embeddings in ``adata.obsm``, starting after the packages are
   imported and the AnnData is read:
@@ -208,6 +209,7 @@ def worker_forward(task: dict) -> dict:
             for x_dict in inputs:
                 out, _ = model(XDict(dict(x_dict)), gene_list)
                 assert out["pred"].shape[0] == x_dict["x_seq"].shape[0]
+                del out, _  # released before the next call, which then peaks on its own
 
     else:
         import cellplm_scvi as cps
@@ -226,6 +228,7 @@ def worker_forward(task: dict) -> dict:
                 with autocast:
                     out = module.inference(**tensors)
                 assert out["z"].shape[0] == tensors["x_indptr"].numel() - 1
+                del out
 
     with torch.inference_mode():
         with T.PeakMemory() as memory:  # first pass: peak memory, the libraries' first use included
