@@ -33,8 +33,7 @@ the medians are reported and the ratios are ours / reference:
   *later-pass peak*: the model's working memory once the libraries' first-use allocations (BLAS
   buffers, thread arenas), which a first pass includes and the process keeps, are made. It means
   something with ``--large-blocks-mmapped`` only: with glibc's default allocator a later pass
-  reuses the heap the first one grew, and its peak above
-  the RSS before it is about zero.
+  reuses the heap the first one grew, and its peak above the RSS before it is about zero.
 * ``end_to_end``: AnnData in -> embeddings in ``adata.obsm``, starting after the packages are
   imported and the AnnData is read:
   reference ``CellEmbeddingPipeline(prefix, directory)`` (reads ``{prefix}.config.json`` and the
