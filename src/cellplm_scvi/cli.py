@@ -274,9 +274,10 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     registry = _read_registry(cps, args.model_dir)
     setup = {key: registry.get("setup_args", {}).get(key) for key in _SETUP_KEYS}
     _check_setup_keys(adata, setup, source=str(args.input))
+    data = _in_model_gene_order(adata, registry["field_registries"]["X"]["state_registry"]["column_names"])
     _step(f"loading the model from {args.model_dir}")
     try:
-        model = cps.CellPLM.load(str(args.model_dir), adata=adata)
+        model = cps.CellPLM.load(str(args.model_dir), adata=data)
     except (KeyError, ValueError) as err:
         raise CLIError(
             f"cannot use {args.input} with the model in {args.model_dir}: {_message(err)}"
@@ -312,7 +313,19 @@ def _refuse_same_file(input_path: Path, output_path: Path) -> None:
 def _read_registry(cps, model_dir: Path) -> dict:
     if not (model_dir / "model.pt").is_file():
         raise CLIError(f"--model-dir {model_dir} holds no saved model (no model.pt)")
-    return cps.CellPLM.load_registry(str(model_dir))
+    try:
+        return cps.CellPLM.load_registry(str(model_dir))
+    except cps.model.ModelFileError as err:
+        raise CLIError(_message(err)) from None
+
+
+def _in_model_gene_order(adata, model_genes):
+    """``adata``, or a copy with its genes in the model's order when it holds the same genes in another."""
+    genes = adata.var_names
+    if list(genes) == list(model_genes) or genes.has_duplicates or set(genes) != set(model_genes):
+        return adata  # the model's order already, or a mismatch that loading reports
+    _step("the input holds the model's genes in another order; embedding them in the model's order")
+    return adata[:, list(model_genes)].copy()
 
 
 def _write_h5ad_atomic(adata, path: Path) -> None:

@@ -41,7 +41,10 @@ def read_rows(matrix, rows: np.ndarray) -> sp.csr_matrix:
         order = np.argsort(rows)
         block = matrix[rows[order]]
         block = block[np.argsort(order)]
-    return sp.csr_matrix(block, dtype=np.float32, copy=block is matrix)  # never share the caller's arrays
+    block = sp.csr_matrix(block, dtype=np.float32, copy=block is matrix)  # never share the caller's arrays
+    if not block.has_canonical_format:  # backed rows stored with duplicate entries: they add up
+        block.sum_duplicates()
+    return block
 
 
 def _is_row_run(rows: np.ndarray) -> bool:

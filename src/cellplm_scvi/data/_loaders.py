@@ -6,6 +6,7 @@ import logging
 
 import lightning.pytorch as pl
 import numpy as np
+import scipy.sparse as sp
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
 from torch.utils.data import DataLoader
@@ -45,12 +46,14 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
             adata_manager.get_from_registry(CELLPLM_REGISTRY_KEYS.SPATIAL_KEY), dtype=np.float64
         )[:, :2]
     matrix = adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-    if (
-        hasattr(matrix, "format")
-        and getattr(matrix, "format", None) == "csc"
-        and not hasattr(matrix, "backend")
-    ):
-        matrix = matrix.tocsr()  # row slicing of CSC is slow; one conversion, nnz-sized
+    if sp.issparse(matrix):
+        if matrix.format == "csc":
+            matrix = matrix.tocsr()  # row slicing of CSC is slow; one conversion, nnz-sized
+        if not matrix.has_canonical_format:
+            # Duplicate entries of a cell and gene add up (scipy's meaning); the pipeline reads each
+            # stored value as a whole count, so they are summed, on a copy of the user's matrix.
+            matrix = matrix.copy()
+            matrix.sum_duplicates()
     data = TissueData(
         matrix=matrix,
         batch_codes=batch,

@@ -13,12 +13,18 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+import anndata
+import mudata
 from anndata import AnnData
+from mudata import MuData
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager, fields
-from scvi.model._utils import _get_batch_code_from_category
+from scvi.data._download import _download
+from scvi.model._utils import _get_batch_code_from_category, parse_device_args
 from scvi.model.base import BaseModelClass, RNASeqMixin, UnsupervisedTrainingMixin, VAEMixin
+from scvi.model.base._constants import SAVE_KEYS
+from scvi.model.base._save_load import _initialize_model
 from scvi.model.base._training_mixin import get_max_epochs_heuristic
 from scvi.utils import setup_anndata_dsp, track
 
@@ -29,9 +35,19 @@ from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._likelihood import library_sizes
 from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
+from ._files import read_model_file
+from ._fields import CoordinatesField, MuDataCoordinatesField
 from ._presets import resolve_preset
-from ._training import CellPLMTrainingPlan, KeepBestWeights
-from ._validation import check_anndata, check_counts, check_layer, check_obs_key, check_spatial
+from ._training import CellPLMTrainingPlan, CellPLMTrainRunner, KeepBestWeights
+from ._validation import (
+    check_anndata,
+    check_anndata_not_empty,
+    check_counts,
+    check_genes,
+    check_layer,
+    check_obs_key,
+    check_spatial,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +98,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = CellPLMModule
     _training_plan_cls = CellPLMTrainingPlan
+    _train_runner_cls = CellPLMTrainRunner
     _data_splitter_cls = TissueDataSplitter
     _data_loader_cls = TissueDataLoader
 
@@ -162,7 +179,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             fields.CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
         ]
         if spatial_key is not None:
-            anndata_fields.append(fields.ObsmField(CELLPLM_REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
+            anndata_fields.append(CoordinatesField(CELLPLM_REGISTRY_KEYS.SPATIAL_KEY, spatial_key))
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -202,6 +219,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             raise KeyError(
                 f"Modality {modalities['rna_layer']!r} is not in mdata.mod; available: {list(mdata.mod)}."
             )
+        check_anndata(mdata.mod[modalities["rna_layer"]])
         modalities = cls._create_modalities_attr_dict(modalities, setup_method_args)
         mudata_fields = [
             fields.MuDataLayerField(
@@ -223,7 +241,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ]
         if spatial_key is not None:
             mudata_fields.append(
-                fields.MuDataObsmField(
+                MuDataCoordinatesField(
                     CELLPLM_REGISTRY_KEYS.SPATIAL_KEY, spatial_key, mod_key=modalities.spatial_key
                 )
             )
@@ -330,6 +348,103 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         model.checkpoint_report_ = str(report)
         model.is_trained_ = True
         return model
+
+    # ------------------------------------------------------------ saved models
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | Path,
+        adata: AnnData | MuData | None | Literal[False] = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+        allowed_classes_names_list: list[str] | None = None,
+    ) -> CellPLM:
+        """A model saved with :meth:`save`, read without running code from the file.
+
+        ``model.pt`` is read by :func:`~cellplm_scvi.model.read_model_file`, which refuses any
+        pickle that would call something a saved model never holds (scvi-tools' own loader would
+        run it). The genes of ``adata`` must be the model's genes in the model's order.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            Data set up like the training data (it is registered from the saved setup). ``None``:
+            the AnnData saved in the folder, if any; ``False``: no data.
+        accelerator, device
+            Where to put the model, as in scvi-tools.
+        prefix
+            Prefix of the saved file names.
+        backup_url
+            URL to download ``model.pt`` from when it is not in ``dir_path``.
+        allowed_classes_names_list
+            Other model class names whose saved folders are accepted.
+
+        Raises
+        ------
+        ModelFileError
+            When ``model.pt`` is missing, damaged or not a model, or would need unsafe unpickling.
+        ValueError
+            When the genes of ``adata`` are not the model's, or ``adata`` does not match the setup.
+        """
+        _, _, device = parse_device_args(
+            accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
+        )
+        model_file = f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
+        if backup_url is not None:
+            _download(backup_url, str(dir_path), model_file)
+        saved = read_model_file(Path(dir_path) / model_file, map_location=device)
+        attr_dict = saved["attr_dict"]
+        registry = attr_dict.pop("registry_")
+        name = registry.get("model_name", cls.__name__)
+        if name != cls.__name__ and name not in (allowed_classes_names_list or []):
+            raise ValueError(f"{dir_path} holds a {name} model, not a {cls.__name__}.")
+        if adata is None:
+            adata = _read_saved_data(Path(dir_path), prefix, registry)
+        if adata is not False:
+            check_anndata_not_empty(adata)
+            check_genes(
+                _genes_of(adata, registry),
+                saved["var_names"],
+                f"CellPLM.load_registry({str(dir_path)!r}){_GENES}",
+            )
+            getattr(cls, registry.get("setup_method_name", "setup_anndata"))(
+                adata, source_registry=registry, **registry["setup_args"]
+            )
+        model = _initialize_model(cls, adata, registry, attr_dict, None)
+        state = saved["model_state_dict"]
+        state.pop("pyro_param_store", None)  # written by scvi-tools' save for every model
+        model.module.on_load(model)
+        model.module.load_state_dict(state)
+        model.to_device(device)
+        model.module.eval()
+        if adata is not False:
+            model._validate_anndata(adata)
+        return model
+
+    @staticmethod
+    def load_registry(dir_path: str | Path, prefix: str | None = None) -> dict:
+        """The registry (setup arguments and field states) of a saved model, read safely.
+
+        Raises
+        ------
+        ModelFileError
+            As :meth:`load`.
+        """
+        model_file = Path(dir_path) / f"{prefix or ''}{SAVE_KEYS.MODEL_FNAME}"
+        return read_model_file(model_file, map_location="cpu")["attr_dict"]["registry_"]
+
+    def _validate_anndata(self, adata: AnnData | MuData | None = None, copy_if_view: bool = True):
+        """scvi-tools' check and registration of ``adata``, after refusing empty data and genes other than the model's."""
+        if adata is not None:
+            check_anndata_not_empty(adata)
+            check_genes(
+                _genes_of(adata, self.registry_), _registered_genes(self.registry_), f"model.registry_{_GENES}"
+            )
+        return super()._validate_anndata(adata, copy_if_view)
 
     # ----------------------------------------------------------------- training
     def train(
@@ -464,6 +579,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     def _make_data_loader(
         self, adata, indices=None, batch_size=None, shuffle=False, data_loader_class=None, **kwargs
     ):
+        if indices is not None:  # scvi-tools' get_elbo and others pass the user's indices here
+            indices = self._indices(self.adata if adata is None else adata, indices)
         kwargs.setdefault("max_cells_per_tissue", self.max_cells_per_tissue)
         kwargs.setdefault(
             "max_cells_per_batch", max(batch_size or DEFAULT_MAX_CELLS_PER_BATCH, self.max_cells_per_tissue)
@@ -500,12 +617,30 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         raise ValueError(f"precision must be '32' or 'bf16-mixed', got {precision!r}.")
 
     def _indices(self, adata: AnnData, indices: Sequence[int] | None) -> np.ndarray:
+        """``indices`` (integer positions or a boolean mask over all cells) as int64 positions.
+
+        Raises ``IndexError``, as numpy indexing would, for a mask of the wrong length,
+        non-integer values, more than one dimension or positions outside ``[0, n_obs)``.
+        """
         if indices is None:
             return np.arange(adata.n_obs)
         indices = np.asarray(indices)
+        if indices.ndim != 1:
+            raise IndexError(f"indices must be one-dimensional; got shape {indices.shape}.")
         if indices.dtype == bool:
-            indices = np.flatnonzero(indices)
-        if len(indices) and (indices.min() < 0 or indices.max() >= adata.n_obs):
+            if len(indices) != adata.n_obs:
+                raise IndexError(
+                    f"A boolean mask of indices needs one value per cell ({adata.n_obs}); got {len(indices)}."
+                )
+            return np.flatnonzero(indices)
+        if len(indices) == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not np.issubdtype(indices.dtype, np.integer):
+            raise IndexError(
+                f"indices must be integer positions or a boolean mask; got dtype {indices.dtype} "
+                f"(e.g. {indices[:3].tolist()})."
+            )
+        if indices.min() < 0 or indices.max() >= adata.n_obs:
             raise IndexError(
                 f"indices must lie in [0, {adata.n_obs}); got values from {indices.min()} to {indices.max()}."
             )
@@ -749,3 +884,32 @@ def _warn_if_not_counts(matrix, where: str) -> None:
             UserWarning,
             stacklevel=settings.warnings_stacklevel + 1,
         )
+
+
+#: Where a registry holds the model's genes, as Python subscripts (for messages).
+_GENES = f"['field_registries'][{REGISTRY_KEYS.X_KEY!r}]['state_registry']['column_names']"
+
+
+def _registered_genes(registry: dict) -> np.ndarray:
+    return registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
+
+
+def _genes_of(adata: AnnData | MuData, registry: dict) -> pd.Index:
+    """Gene names of ``adata``: of its RNA modality for data set up with :meth:`CellPLM.setup_mudata`."""
+    if isinstance(adata, MuData):
+        return adata.mod[registry["setup_args"]["modalities"]["rna_layer"]].var_names
+    return adata.var_names
+
+
+def _read_saved_data(dir_path: Path, prefix: str | None, registry: dict) -> AnnData | MuData | Literal[False]:
+    """The data saved beside the model (``save(save_anndata=True)``), or ``False`` with a warning."""
+    is_mudata = registry.get("setup_method_name") == "setup_mudata"
+    path = dir_path / f"{prefix or ''}{SAVE_KEYS.MDATA_FNAME if is_mudata else SAVE_KEYS.ADATA_FNAME}"
+    if not path.exists():
+        warnings.warn(
+            f"{dir_path} holds no saved data and no adata was passed; the model is loaded without data.",
+            UserWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )
+        return False
+    return mudata.read_h5mu(path) if is_mudata else anndata.read_h5ad(path)

@@ -1,13 +1,15 @@
-"""Training plan and callbacks that keep a run safe: non-finite losses stop it, interrupts keep the best weights."""
+"""Training plan, runner and callbacks that keep a run safe: non-finite values stop it, interrupts keep the best weights."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import sys
 
 import lightning.pytorch as pl
 import torch
-from scvi.train import TrainingPlan
+from scvi.train import TrainingPlan, TrainRunner
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -32,13 +34,23 @@ class CellPLMTrainingPlan(TrainingPlan):
         output = super().training_step(batch, batch_idx)
         loss = output["loss"] if isinstance(output, dict) else output
         if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"The training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(minibatch {batch_idx}); training stopped before this update. Try a lower learning rate "
-                "(train(lr=...)), gradient clipping (train(gradient_clip_val=1.0)), or check the input for "
-                "extreme or non-count values."
-            )
+            self._stop(f"The training loss became {loss.item()}", f"minibatch {batch_idx}")
         return output
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Raise :class:`NonFiniteLossError` before an update from a NaN or infinite gradient."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if not torch.isfinite(norm):
+                self._stop(f"The gradient norm became {norm.item()}", "after the backward pass")
+
+    def _stop(self, what: str, where: str):
+        raise NonFiniteLossError(
+            f"{what} at epoch {self.current_epoch}, step {self.global_step} ({where}); training "
+            "stopped before this update. Try a lower learning rate (train(lr=...)), gradient clipping "
+            "(train(gradient_clip_val=1.0)), or check the input for extreme or non-count values."
+        )
 
 
 class KeepBestWeights(pl.Callback):
@@ -82,3 +94,33 @@ class KeepBestWeights(pl.Callback):
             return False
         module.load_state_dict(self.best_state)
         return True
+
+
+class CellPLMTrainRunner(TrainRunner):
+    """scvi-tools' :class:`~scvi.train.TrainRunner`, without the line it prints to stdout when a run fails.
+
+    That line (``Exception raised during training. <class 'NameError'> ...``) repeats the
+    exception, which is raised unchanged; everything else written to stdout passes through.
+    """
+
+    def _run_training_core(self):
+        with contextlib.redirect_stdout(_WithoutPrint(sys.stdout, "Exception raised during training.")):
+            super()._run_training_core()
+
+
+class _WithoutPrint:
+    """A text stream that forwards everything to ``stream`` except a ``print`` call whose first item is ``first``."""
+
+    def __init__(self, stream, first: str):
+        self._stream, self._first, self._dropping = stream, first, False
+
+    def write(self, text: str) -> int:
+        if text == self._first:
+            self._dropping = True
+        if not self._dropping:
+            return self._stream.write(text)
+        self._dropping = text != "\n"  # print writes its items, separators and end one by one
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -12,7 +14,8 @@ from cellplm_scvi._constants import VALUES_PER_PASS
 
 
 def check_anndata(adata: AnnData) -> None:
-    """Refuse views and duplicated gene names; warn about duplicated cell names."""
+    """Refuse empty data, views and duplicated gene names; warn about duplicated cell names."""
+    check_anndata_not_empty(adata)
     if adata.is_view:
         raise ValueError(
             "adata is a view of another AnnData; setup writes registry columns into it. Run "
@@ -31,6 +34,55 @@ def check_anndata(adata: AnnData) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def check_anndata_not_empty(adata) -> None:
+    """Refuse an AnnData (or MuData) with no cells."""
+    if adata.n_obs == 0:
+        raise ValueError("adata has 0 cells; check the filtering that produced it.")
+
+
+def check_genes(genes: pd.Index, model_genes: Sequence[str], model_genes_are_in: str) -> None:
+    """Refuse data whose genes are not exactly the model's genes in the model's order.
+
+    Parameters
+    ----------
+    genes
+        Gene names of the data.
+    model_genes
+        Gene names the model was trained on, in its order.
+    model_genes_are_in
+        Python expression that gives ``model_genes``, for the message.
+    """
+    model_genes = pd.Index(model_genes)
+    if genes.equals(model_genes):
+        return
+    if genes.has_duplicates:
+        duplicated = genes[genes.duplicated()].unique()
+        raise ValueError(
+            f"{len(duplicated)} gene names occur more than once (e.g. {list(duplicated[:3])}); genes are "
+            "matched to the model's by name. Drop the duplicates."
+        )
+    missing = model_genes.difference(genes, sort=False)
+    extra = genes.difference(model_genes, sort=False)
+    fix = f"adata = adata[:, model_genes].copy(), with model_genes = {model_genes_are_in}"
+    if len(missing):
+        raise ValueError(
+            f"{len(missing)} of the model's {len(model_genes)} genes are not in the data (e.g. "
+            f"{list(missing[:5])}); the model embeds only data that measures all of its genes. Train a "
+            "model on the genes you have."
+        )
+    if len(extra):
+        raise ValueError(
+            f"The data has {len(extra)} genes that the model was not trained on (e.g. {list(extra[:5])}). "
+            f"Keep the model's genes, in its order: {fix}."
+        )
+    first = int(np.flatnonzero(genes.to_numpy() != model_genes.to_numpy())[0])
+    raise ValueError(
+        f"The data has the model's {len(model_genes)} genes in another order (from position {first}: "
+        f"{genes[first]!r} where the model has {model_genes[first]!r}); embeddings would be computed on "
+        f"misaligned genes. Reorder them to the model's: {fix}."
+    )
 
 
 def check_obs_key(adata: AnnData, key: str | None, argument: str) -> None:

@@ -2,6 +2,9 @@
 
 Each layer maps encoder states ``h`` (``(N, D)``) to a :class:`LatentOutput` and scores it with
 :meth:`kl`, which returns per-cell terms (``(N,)`` each).
+
+Distributions are built without argument checks: a NaN from a diverging run then reaches the loss,
+where the training plan stops with :class:`~cellplm_scvi.model.NonFiniteLossError`.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class _GaussianPosterior(nn.Module):
 
     def posterior(self, h: torch.Tensor) -> Normal:
         scale = torch.sqrt(self.logvar(h).clamp(-5.0, 5.0).exp() + 1e-4)
-        return Normal(self.mean(h), scale)
+        return Normal(self.mean(h), scale, validate_args=False)
 
     def forward(self, h: torch.Tensor, n_samples: int = 1) -> LatentOutput:
         qz = self.posterior(h)
@@ -125,7 +128,9 @@ class GaussianMixtureLatent(_GaussianPosterior):
         """
         log_prior = F.log_softmax(self.component_logits, dim=-1)
         log_density = (
-            Normal(self.component_means, self.component_log_scales.exp()).log_prob(z[..., None, :]).sum(-1)
+            Normal(self.component_means, self.component_log_scales.exp(), validate_args=False)
+            .log_prob(z[..., None, :])
+            .sum(-1)
         )
         return log_prior + log_density + self.classifier(z)
 
@@ -195,9 +200,9 @@ class ReleasedGaussianMixtureLatent(nn.Module):
         else:
             y = F.one_hot(logits.argmax(-1), self.n_components).to(h.dtype)
         inner = F.relu(self.inner(torch.cat((h, y), dim=-1)))
-        qz = Normal(self.mean(inner), torch.sqrt(F.softplus(self.var(inner)) + 1e-10))
+        qz = Normal(self.mean(inner), torch.sqrt(F.softplus(self.var(inner)) + 1e-10), validate_args=False)
         z = draw(qz, self.training, n_samples)
-        prior = Normal(self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8))
+        prior = Normal(self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8), validate_args=False)
         return LatentOutput(qz, z, logits, prior)
 
     def kl(self, out: LatentOutput) -> dict[str, torch.Tensor]:

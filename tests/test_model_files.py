@@ -1,0 +1,123 @@
+"""Saved model folders are read without running code from them, and damaged ones are named."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL, make_tissues
+
+from cellplm_scvi import CellPLM, cli
+from cellplm_scvi.model import ModelFileError, read_model_file
+
+SAVED_0_1_0 = Path(__file__).parent / "data" / "saved_model_0.1.0"
+TRAIN = {"max_cells_per_batch": 100, "accelerator": "cpu", "enable_progress_bar": False}
+
+
+class WritesMarker:
+    """Unpickling this object runs code: it creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"import pathlib; pathlib.Path({str(self.marker)!r}).touch()",)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A trained model saved to a folder, its data (written to an .h5ad too) and its latents."""
+    adata = make_tissues(n_cells=120)
+    CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    model = CellPLM(adata, max_cells_per_tissue=50, **TINY_MODEL)
+    model.train(max_epochs=1, **TRAIN)
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    model.save(folder)
+    h5ad = folder.parent / "data.h5ad"
+    make_tissues(n_cells=120).write_h5ad(h5ad)
+    return folder, h5ad, model.get_latent_representation()
+
+
+def test_a_folder_saved_by_release_0_1_0_loads_with_the_same_latents():
+    adata = make_tissues(n_cells=120)
+    model = CellPLM.load(SAVED_0_1_0, adata=adata)
+    np.testing.assert_array_equal(model.get_latent_representation(), np.load(SAVED_0_1_0 / "latent.npy"))
+    assert CellPLM.load_registry(SAVED_0_1_0)["setup_args"]["labels_key"] == "cell_type"
+
+
+def test_save_and_load_give_the_same_latents(saved, tmp_path):
+    folder, _, latents = saved
+    model = CellPLM.load(folder, adata=make_tissues(n_cells=120))
+    np.testing.assert_array_equal(model.get_latent_representation(), latents)
+
+
+def _with_payload(folder: Path, target: Path, marker: Path) -> Path:
+    """A copy of a saved model folder whose ``model.pt`` also holds an object that runs code when read."""
+    shutil.copytree(folder, target)
+    content = torch.load(folder / "model.pt", weights_only=False)
+    content["attr_dict"]["history_"] = WritesMarker(marker)
+    torch.save(content, target / "model.pt")
+    return target
+
+
+@pytest.mark.parametrize("reader", ["load", "load_registry", "read_model_file"])
+def test_a_model_file_that_would_run_code_is_refused_from_python(saved, tmp_path, reader):
+    marker = tmp_path / "marker"
+    crafted = _with_payload(saved[0], tmp_path / "crafted", marker)
+    read = {
+        "load": lambda: CellPLM.load(crafted, adata=make_tissues(n_cells=120)),
+        "load_registry": lambda: CellPLM.load_registry(crafted),
+        "read_model_file": lambda: read_model_file(crafted / "model.pt"),
+    }[reader]
+    with pytest.raises(ModelFileError, match=r"model.pt was refused: reading it would call builtins.exec"):
+        read()
+    assert not marker.exists()
+
+
+def test_a_model_file_that_would_run_code_is_refused_by_the_cli(saved, tmp_path, capsys):
+    folder, h5ad, _ = saved
+    marker = tmp_path / "marker"
+    crafted = _with_payload(folder, tmp_path / "crafted", marker)
+    out = tmp_path / "out.h5ad"
+    assert cli.main(["embed", str(h5ad), "--model-dir", str(crafted), "--out", str(out)]) == cli.USAGE_ERROR
+    assert not marker.exists()
+    assert not out.exists()
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("cellplm-scvi: error: ")
+    assert "refused" in error[0] and "could run code" in error[0]
+
+
+def _truncated(content: bytes) -> bytes:
+    return content[: len(content) // 2]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda content: b"", lambda content: b"not a model " * 20, _truncated],
+    ids=["empty", "text", "truncated"],
+)
+def test_a_damaged_model_file_is_named_in_python_and_in_the_cli(saved, tmp_path, capsys, damage):
+    folder, h5ad, _ = saved
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    (damaged / "model.pt").write_bytes(damage((folder / "model.pt").read_bytes()))
+    message = r"model.pt is damaged or is not a saved CellPLM model .*Re-save the model"
+    with pytest.raises(ModelFileError, match=message):
+        CellPLM.load(damaged, adata=make_tissues(n_cells=120))
+    with pytest.raises(ModelFileError, match=message):
+        CellPLM.load_registry(damaged)
+    out = tmp_path / "out.h5ad"
+    assert cli.main(["embed", str(h5ad), "--model-dir", str(damaged), "--out", str(out)]) == cli.USAGE_ERROR
+    captured = capsys.readouterr()
+    error = captured.err.strip().splitlines()
+    assert len(error) == 1 and "is damaged or is not a saved CellPLM model" in error[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_a_model_file_without_a_model_is_refused(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="holds no model_state_dict and attr_dict"):
+        CellPLM.load(tmp_path, adata=False)
