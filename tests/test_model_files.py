@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -119,5 +120,16 @@ def test_a_damaged_model_file_is_named_in_python_and_in_the_cli(saved, tmp_path,
 
 def test_a_model_file_without_a_model_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "model.pt")
-    with pytest.raises(ModelFileError, match="holds no model_state_dict and attr_dict"):
+    with pytest.raises(ModelFileError, match="holds no model_state_dict, attr_dict and registry"):
         CellPLM.load(tmp_path, adata=False)
+
+
+def test_a_training_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path):
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": WritesMarker(marker)}, tmp_path / "last.ckpt")
+    adata = make_tissues(n_cells=120)
+    CellPLM.setup_anndata(adata, layer="counts", batch_key="sample")
+    model = CellPLM(adata, max_cells_per_tissue=50, **TINY_MODEL)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        model.train(max_epochs=1, ckpt_path=str(tmp_path / "last.ckpt"), **TRAIN)
+    assert not marker.exists()

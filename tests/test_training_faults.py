@@ -82,3 +82,39 @@ def test_killed_mid_epoch_is_usable_and_resumes_from_checkpoint(model, tmp_path)
     assert model.is_trained
     assert model.trainer.current_epoch == 4
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+class NaNGradientsAt(pl.Callback):
+    """Make every gradient NaN after the backward pass of the first step of ``epoch``."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            for parameter in pl_module.module.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))
+
+
+def test_nan_gradients_stop_training_with_the_documented_error(model, capsys):
+    snapshots = Snapshots()
+    with (
+        pytest.raises(
+            NonFiniteLossError, match=r"gradient norm became nan at epoch 1, .*lower learning rate"
+        ),
+        pytest.warns(UserWarning, match="Training failed; keeping the weights of epoch 0"),
+    ):
+        model.train(max_epochs=3, callbacks=[snapshots, NaNGradientsAt(1)], **TRAIN)
+    for name, value in model.module.state_dict().items():
+        torch.testing.assert_close(value, snapshots.states[0][name])
+    assert "Exception raised during training" not in capsys.readouterr().out
+
+
+def test_a_diverging_learning_rate_stops_with_the_documented_error(model, capsys):
+    with pytest.raises(
+        NonFiniteLossError, match=r"became (nan|inf|-inf) at epoch \d+, step \d+ .*lower learning rate"
+    ):
+        model.train(max_epochs=20, lr=1e6, **TRAIN)
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())  # no update from a NaN
+    assert "Exception raised during training" not in capsys.readouterr().out

@@ -165,7 +165,7 @@ def test_other_genes_or_categories_after_training_are_refused(tmp_path):
     with pytest.raises(ValueError, match="[Nn]umber of vars|var_names|genes"):
         model.get_latent_representation(fewer)
     model.save(tmp_path / "m")
-    with pytest.raises(ValueError, match="Number of vars .* Expected: 40 Received: 30"):
+    with pytest.raises(ValueError, match=r"10 of the model's 40 genes are not in the data \(e.g. \['gene30'"):
         CellPLM.load(tmp_path / "m", adata=fewer)
     renamed = adata.copy()
     renamed.obs["sample"] = pd.Categorical(np.where(renamed.obs["sample"] == "s0", "new", "s1"))
@@ -213,3 +213,161 @@ def test_same_seed_same_latents_across_processes(tmp_path):
         subprocess.run([sys.executable, str(script), str(out)], check=True, capture_output=True)
         outputs.append(np.load(out))
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+# ---------------------------------------------------------------- inputs that were once misread
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A model trained on coordinates stored as an array, with its data and latents."""
+    scvi.settings.seed = 0
+    adata = make_tissues(n_cells=120)
+    model = train_small(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    return model, adata, model.get_latent_representation()
+
+
+def test_genes_in_another_order_are_refused_with_the_fix(trained, tmp_path):
+    model, adata, latents = trained
+    shuffled = adata[:, np.random.default_rng(0).permutation(adata.n_vars)].copy()
+    message = r"the model's 40 genes in another order .*adata = adata\[:, model_genes\].copy\(\)"
+    with pytest.raises(ValueError, match=message):
+        model.get_latent_representation(shuffled)
+    model.save(tmp_path / "m")
+    with pytest.raises(ValueError, match=message):
+        CellPLM.load(tmp_path / "m", adata=shuffled)
+    model_genes = model.registry_["field_registries"]["X"]["state_registry"]["column_names"]
+    np.testing.assert_allclose(
+        model.get_latent_representation(shuffled[:, model_genes].copy()), latents, **TOL
+    )
+
+
+def test_extra_genes_are_refused_by_name(trained):
+    model, adata, _ = trained
+    extra = ad.concat(
+        [adata, ad.AnnData(sp.csr_matrix((adata.n_obs, 2)), obs=adata.obs)], axis=1, merge="first"
+    )
+    extra.var_names = [*adata.var_names, "novel1", "novel2"]
+    extra.layers["counts"] = extra.X.copy()
+    with pytest.raises(
+        ValueError, match=r"2 genes that the model was not trained on \(e.g. \['novel1', 'novel2'\]\)"
+    ):
+        model.get_latent_representation(extra)
+
+
+def test_cli_embeds_genes_in_another_order_in_the_model_order(trained, tmp_path, capsys):
+    from cellplm_scvi import cli
+
+    model, adata, latents = trained
+    model.save(tmp_path / "m")
+    shuffled = make_tissues(n_cells=120)
+    shuffled = shuffled[:, np.random.default_rng(1).permutation(shuffled.n_vars)].copy()
+    shuffled.write_h5ad(tmp_path / "shuffled.h5ad")
+    out = tmp_path / "out.h5ad"
+    assert (
+        cli.main(
+            ["embed", str(tmp_path / "shuffled.h5ad"), "--model-dir", str(tmp_path / "m"), "--out", str(out)]
+        )
+        == 0
+    )
+    assert "in another order; embedding them in the model's order" in capsys.readouterr().out
+    written = ad.read_h5ad(out)
+    assert list(written.var_names) == list(shuffled.var_names)  # the input's genes are kept as they were
+    np.testing.assert_allclose(written.obsm["X_cellplm"], latents, **TOL)
+
+
+def _latent_call(method):
+    return {
+        "get_latent_representation": lambda m, i: m.get_latent_representation(indices=i),
+        "get_cluster_probabilities": lambda m, i: m.get_cluster_probabilities(indices=i),
+        "get_normalized_expression": lambda m, i: m.get_normalized_expression(indices=i),
+        "posterior_predictive_sample": lambda m, i: m.posterior_predictive_sample(indices=i),
+        "get_elbo": lambda m, i: m.get_elbo(indices=i),
+    }[method]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "get_latent_representation",
+        "get_cluster_probabilities",
+        "get_normalized_expression",
+        "posterior_predictive_sample",
+        "get_elbo",
+    ],
+)
+@pytest.mark.parametrize(
+    ("indices", "message"),
+    [
+        (np.ones(50, dtype=bool), r"boolean mask of indices needs one value per cell \(120\); got 50"),
+        ([0.5, 1.7], r"integer positions or a boolean mask; got dtype float64"),
+        ([[0, 1]], r"one-dimensional; got shape \(1, 2\)"),
+        ([0, 120], r"must lie in \[0, 120\)"),
+    ],
+    ids=["short mask", "floats", "2-D", "out of range"],
+)
+def test_indices_numpy_would_refuse_are_refused(trained, method, indices, message):
+    with pytest.raises(IndexError, match=message):
+        _latent_call(method)(trained[0], indices)
+
+
+def test_indices_as_a_full_mask_or_empty_are_read_as_numpy_would(trained):
+    model, adata, latents = trained
+    mask = np.arange(adata.n_obs) % 3 == 0
+    np.testing.assert_array_equal(model.get_latent_representation(indices=mask), latents[mask])
+    assert model.get_latent_representation(indices=[]).shape == (0, latents.shape[1])
+
+
+def _with_duplicate_entries(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """The same counts, each stored entry split in two entries of the same cell and gene."""
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    half = np.floor(matrix.data / 2)
+    order = np.argsort(np.concatenate([rows, rows]), kind="stable")
+    columns = np.concatenate([matrix.indices, matrix.indices])[order]
+    values = np.concatenate([matrix.data - half, half])[order]
+    indptr = np.concatenate([[0], np.cumsum(2 * np.diff(matrix.indptr))])
+    return sp.csr_matrix((values, columns, indptr), shape=matrix.shape)
+
+
+def test_duplicate_sparse_entries_add_up_and_the_matrix_is_left_alone(tmp_path):
+    adata = make_tissues(n_cells=120)
+    adata.X = adata.layers.pop("counts")
+    model = train_small(adata, batch_key="sample", fov_key="fov", spatial_key="spatial")
+    latents = model.get_latent_representation()
+    duplicated = _with_duplicate_entries(adata.X)
+    assert not duplicated.has_canonical_format
+    np.testing.assert_array_equal(duplicated.toarray(), adata.X.toarray())
+    other = adata.copy()
+    other.X = duplicated
+    stored = duplicated.data.copy(), duplicated.indices.copy()
+    np.testing.assert_allclose(model.get_latent_representation(other), latents, **TOL)
+    assert np.array_equal(other.X.data, stored[0]) and np.array_equal(other.X.indices, stored[1])
+    other.write_h5ad(tmp_path / "duplicated.h5ad")
+    backed = ad.read_h5ad(tmp_path / "duplicated.h5ad", backed="r")
+    np.testing.assert_allclose(model.get_latent_representation(backed), latents, **TOL)
+
+
+@pytest.mark.parametrize("trained_on", ["array", "DataFrame"])
+def test_coordinates_as_an_array_or_a_dataframe_are_the_same(trained_on):
+    def as_frame(adata, columns=("x", "y")):
+        adata.obsm["spatial"] = pd.DataFrame(
+            adata.obsm["spatial"], index=adata.obs_names, columns=list(columns)
+        )
+        return adata
+
+    adata = make_tissues(n_cells=120)
+    if trained_on == "DataFrame":
+        as_frame(adata)
+    model = train_small(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
+    latents = model.get_latent_representation()
+    as_array = make_tissues(n_cells=120)
+    for other in (as_array, as_frame(make_tissues(n_cells=120)), as_frame(make_tissues(n_cells=120), "uv")):
+        np.testing.assert_allclose(model.get_latent_representation(other), latents, **TOL)
+
+
+def test_an_anndata_without_cells_is_refused_up_front(trained):
+    empty = make_tissues(n_cells=60)[:0].copy()
+    with pytest.raises(ValueError, match="adata has 0 cells"):
+        CellPLM.setup_anndata(empty, layer="counts", batch_key="sample")
+    with pytest.raises(ValueError, match="adata has 0 cells"):
+        trained[0].get_latent_representation(empty)

@@ -23,7 +23,12 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     adata = make_tissues(n_cells=120)
     CellPLM.setup_anndata(
-        adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial", labels_key="cell_type"
+        adata,
+        layer="counts",
+        batch_key="sample",
+        fov_key="fov",
+        spatial_key="spatial",
+        labels_key="cell_type",
     )
     model = CellPLM(adata, max_cells_per_tissue=50, **TINY_MODEL)
     model.train(max_epochs=2, max_cells_per_batch=100, accelerator="cpu", enable_progress_bar=False)

@@ -32,7 +32,11 @@ _ALLOWED_GLOBALS = frozenset(
     + [("builtins", name) for name in ("int", "list", "range", "set", "slice", "str", "tuple")]
     + [("_codecs", "encode"), ("collections", "OrderedDict"), ("collections", "defaultdict")]
     + [("numpy", "dtype"), ("numpy", "ndarray")]
-    + [(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")]
+    + [
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    ]
     + [
         ("pandas.core.frame", "DataFrame"),
         ("pandas.core.series", "Series"),
@@ -56,7 +60,9 @@ def _is_allowed(module: str, name: str) -> bool:
     if module in _ALLOWED_MODULES and name.endswith("DType"):
         return True
     # torch.FloatStorage, torch.float32, ...: storage classes and dtypes, which hold no code.
-    return module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype))
+    return module == "torch" and (
+        name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+    )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -105,7 +111,9 @@ def read_model_file(path: str | Path, map_location: str | torch.device | None = 
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; save a model there with model.save(...).")
     try:
-        saved = torch.load(path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle)
+        saved = torch.load(
+            path, map_location=map_location, weights_only=False, pickle_module=_restricted_pickle
+        )
     except UnsafeGlobalError as err:
         raise ModelFileError(
             f"{path} was refused: reading it would call {err}, which a model saved by CellPLM.save "
@@ -114,10 +122,24 @@ def read_model_file(path: str | Path, map_location: str | torch.device | None = 
         ) from None
     except PermissionError as err:
         raise ModelFileError(f"{path} cannot be read: {err.strerror}.") from None
-    except (pickle.UnpicklingError, EOFError, OSError, zipfile.BadZipFile, RuntimeError, ValueError, TypeError, AttributeError, ImportError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        OSError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+    ) as err:
         raise ModelFileError(_damaged(path, err)) from None
-    if not isinstance(saved, dict) or not {"model_state_dict", "attr_dict"} <= saved.keys():
-        raise ModelFileError(_damaged(path, "it holds no model_state_dict and attr_dict"))
+    if not (
+        isinstance(saved, dict)
+        and {"model_state_dict", "attr_dict"} <= saved.keys()
+        and "registry_" in saved["attr_dict"]
+    ):
+        raise ModelFileError(_damaged(path, "it holds no model_state_dict, attr_dict and registry"))
     return saved
 
 

@@ -10,14 +10,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
+import anndata
+import mudata
 import numpy as np
 import pandas as pd
 import torch
-import anndata
-import mudata
 from anndata import AnnData
-from mudata import MuData
 from lightning.pytorch.callbacks import ModelCheckpoint
+from mudata import MuData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager, fields
 from scvi.data._download import _download
@@ -35,8 +35,8 @@ from cellplm_scvi.module import CellPLMModule
 from cellplm_scvi.module._likelihood import library_sizes
 from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
-from ._files import read_model_file
 from ._fields import CoordinatesField, MuDataCoordinatesField
+from ._files import read_model_file
 from ._presets import resolve_preset
 from ._training import CellPLMTrainingPlan, CellPLMTrainRunner, KeepBestWeights
 from ._validation import (
@@ -442,7 +442,9 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if adata is not None:
             check_anndata_not_empty(adata)
             check_genes(
-                _genes_of(adata, self.registry_), _registered_genes(self.registry_), f"model.registry_{_GENES}"
+                _genes_of(adata, self.registry_),
+                _registered_genes(self.registry_),
+                f"model.registry_{_GENES}",
             )
         return super()._validate_anndata(adata, copy_if_view)
 

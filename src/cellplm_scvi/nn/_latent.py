@@ -202,7 +202,9 @@ class ReleasedGaussianMixtureLatent(nn.Module):
         inner = F.relu(self.inner(torch.cat((h, y), dim=-1)))
         qz = Normal(self.mean(inner), torch.sqrt(F.softplus(self.var(inner)) + 1e-10), validate_args=False)
         z = draw(qz, self.training, n_samples)
-        prior = Normal(self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8), validate_args=False)
+        prior = Normal(
+            self.prior_mean(y), torch.sqrt(F.softplus(self.prior_var(y)) + 1e-8), validate_args=False
+        )
         return LatentOutput(qz, z, logits, prior)
 
     def kl(self, out: LatentOutput) -> dict[str, torch.Tensor]:
