@@ -5,23 +5,26 @@ import pytest
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 from cellplm_scvi.nn import (
-    GELU,
     CellEncoder,
-    Dropout,
     FlowAttention,
     GaussianMixtureLatent,
     GeneBagEmbedder,
-    GroupNorm,
     LatentOutput,
     NormalLatent,
     Sinusoidal2dEncoding,
     SoftmaxAttention,
+    cpu,
 )
-from cellplm_scvi.nn._embedder import _bag_block_columns
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["reference", "cpu-strategies"])
+def strategies(request):
+    """Every test here runs on the reference modules and again with the CPU strategies."""
+    with cpu.cpu_strategies(request.param):
+        yield request.param
 
 
 def naive_flow(attn: FlowAttention, x: torch.Tensor) -> torch.Tensor:
@@ -68,21 +71,10 @@ def packed():
     return torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
 
 
-FLOW_PATHS = {  # (loop_above_cells_per_tissue, square_below_cells_per_tissue)
-    "tissue-by-tissue": (0, 0),
-    "packed-contexts": (10**9, 0),
-    "packed-squares": (10**9, 10**9),
-}
-
-
 @GRAD_MODES
-@pytest.mark.parametrize("path", FLOW_PATHS)
-@pytest.mark.parametrize("block_rows", [2, 10**9], ids=["blocks-of-2", "one-block"])
-def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_rows, grad_mode):
+def test_flow_attention_matches_naive_formula_per_tissue(packed, grad_mode):
     x, ptr = packed
     attn = FlowAttention(16, 4, eps=0.05)  # an eps large enough for a misplaced one to show
-    attn.loop_above_cells_per_tissue, attn.square_below_cells_per_tissue = FLOW_PATHS[path]
-    attn.block_rows = block_rows  # without autograd, a tissue is visited in blocks of this many cells
     x = x.clone().requires_grad_(grad_mode is torch.enable_grad)
     with grad_mode():
         out = attn(x, ptr)
@@ -94,16 +86,6 @@ def test_flow_attention_matches_naive_formula_per_tissue(packed, path, block_row
         ]
     )
     assert_same_values_and_gradients(out, expected, x)
-
-
-@pytest.mark.parametrize(
-    "sizes, squares",
-    [([5, 9, 1, 7], True), ([40, 40], False), ([100] + [1] * 20, False), ([12] * 50, True)],
-    ids=["small", "large", "one-large-among-small", "many-equal"],
-)
-def test_flow_attention_contracts_through_scores_only_for_small_similar_tissues(sizes, squares):
-    attn = FlowAttention(16, 4)
-    assert attn._contracts_through_scores(torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))) == squares
 
 
 @pytest.mark.parametrize("cls", [FlowAttention, SoftmaxAttention])
@@ -162,53 +144,11 @@ def test_transformer_layer_matches_its_formula_and_leaves_its_input_alone(packed
     layer = CellEncoder(16, 1, 4, 0.1, "flow").layers[0].eval()
     x_before = x.clone()
     with grad_mode():
-        out = layer(x, ptr)  # evaluation: residuals summed inside addmm (in place without autograd)
+        out = layer(x, ptr)
     torch.testing.assert_close(out, transformer_layer_formula(layer, x, ptr), atol=1e-6, rtol=1e-5)
     assert torch.equal(x, x_before)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer(x, ptr).dtype == torch.float32  # the residual stream keeps its dtype
-
-
-@pytest.mark.parametrize("attention", ["flow", "softmax"])
-@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference"])
-def test_encoder_in_blocks_equals_whole_tissues_and_leaves_its_input_alone(attention, grad_mode):
-    torch.manual_seed(0)
-    sizes = [300, 7, 1, 450, 40]  # two tissues span several blocks, small ones share blocks
-    x, ptr = torch.randn(sum(sizes), 16), torch.tensor(np.concatenate([[0], np.cumsum(sizes)]))
-    encoder = CellEncoder(16, 3, 4, 0.1, attention).eval()
-    x_before = x.clone()
-    with grad_mode():
-        whole = encoder(x, ptr)
-        for layer in encoder.layers:
-            layer.block_rows = 64
-            layer.attention.block_rows = 64  # flow only; unused by softmax
-        assert all(layer.runs_in_blocks(x) for layer in encoder.layers)
-        blocked = encoder(x, ptr)
-        one_layer = encoder.layers[0](x, ptr)
-    torch.testing.assert_close(blocked, whole, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(
-        one_layer, transformer_layer_formula(encoder.layers[0], x, ptr), atol=1e-5, rtol=1e-5
-    )
-    assert torch.equal(x, x_before)
-    assert not torch.equal(blocked, x)
-    with grad_mode():
-        overwritten = encoder(x, ptr, overwrite_input=True)
-    assert overwritten.data_ptr() == x.data_ptr()  # the result took the input's memory
-    torch.testing.assert_close(overwritten, blocked, atol=1e-6, rtol=1e-6)
-
-
-def test_layers_run_in_blocks_only_in_evaluation_without_autograd_or_autocast():
-    layer = CellEncoder(16, 1, 4, 0.1, "flow").layers[0]
-    layer.block_rows = 8
-    x = torch.randn(9, 16)
-    with torch.no_grad():
-        assert not layer.train().runs_in_blocks(x)
-        assert layer.eval().runs_in_blocks(x)
-        assert not layer.runs_in_blocks(x[:8])  # one block
-        assert not layer.runs_in_blocks(x.to("meta"))  # CPUs only
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not layer.runs_in_blocks(x)
-    assert not layer.runs_in_blocks(x)  # autograd
 
 
 def test_transformer_layer_in_training_matches_its_formula_with_dropout_and_gradients(packed):
@@ -220,7 +160,7 @@ def test_transformer_layer_in_training_matches_its_formula_with_dropout_and_grad
     torch.manual_seed(1)
     expected = transformer_layer_formula(layer, x, ptr)  # same masks, drawn in the same order
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
-    # rate 0 in training: the fused residual path, with autograd
+    # rate 0 in training, with autograd
     no_dropout = CellEncoder(16, 1, 4, 0.0, "flow").layers[0].train()
     weights = torch.randn(len(x), 16)
     grads = [
@@ -246,71 +186,37 @@ def test_attention_loads_state_dicts_with_separate_query_key_value_maps(packed):
     torch.testing.assert_close(fresh(x, ptr), encoder(x, ptr))
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])
-def test_gene_bag_embedder_equals_dense_log1p_matmul(dense_above):
+@GRAD_MODES
+def test_gene_bag_embedder_equals_dense_log1p_matmul(grad_mode):
     rng = np.random.default_rng(0)
     counts = sp.random(
         20, 30, density=0.2, random_state=0, format="csr", data_rvs=lambda n: rng.integers(1, 50, n)
     )
     counts[3] = 0  # an empty cell
     counts = sp.csr_matrix(counts)
-    emb = GeneBagEmbedder(30, 8, dense_above=dense_above)
-    out = emb(
-        torch.tensor(counts.indptr).long(),
-        torch.tensor(counts.indices).long(),
-        torch.tensor(counts.data).float(),
-    )
-    expected = torch.log1p(torch.tensor(counts.toarray()).float()) @ emb.genes.weight
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    assert torch.all(out[3] == 0)
-
-
-def test_gene_bag_embedder_default_paths_by_mode_agree():
-    """At 20 % density and D = 8 the default rule goes dense with gradients and sparse without."""
     emb = GeneBagEmbedder(30, 8)
-    with torch.no_grad():
-        assert 0.2 < emb._dense_threshold()
-    assert emb._dense_threshold() < 0.2
-    counts = sp.random(20, 30, density=0.2, random_state=1, format="csr", dtype=np.float32) * 10
-    args = (
-        torch.tensor(counts.indptr).long(),
-        torch.tensor(counts.indices).long(),
-        torch.tensor(counts.data),
-    )
-    with torch.no_grad():
-        sparse = emb(*args)
-    torch.testing.assert_close(emb(*args), sparse, atol=1e-5, rtol=1e-5)
-
-
-def test_bag_block_columns_keep_a_block_near_one_mebibyte():
-    assert _bag_block_columns(2000) == 128  # 1,000 KB
-    assert _bag_block_columns(100) == 2048
-    assert _bag_block_columns(20_000) == 32  # the floor: 2.4 MiB
-
-
-@pytest.mark.parametrize("subset", [False, True], ids=["all-rows", "gene-subset"])
-def test_gene_bag_embedder_in_column_blocks_equals_dense_log1p_matmul(subset):
-    """Without gradients a wide table is read in blocks of 32 columns (9,000 rows): 3 blocks at D = 96."""
-    n_table, n_inputs = 9000, 300
-    rows = torch.randperm(n_table)[:n_inputs] if subset else None
-    emb = GeneBagEmbedder(n_table, 96, gene_rows=rows, dense_above=1.0)
-    counts = sp.random(40, n_inputs if subset else n_table, density=0.05, random_state=2, format="csr") * 20
-    with torch.inference_mode():
+    with grad_mode():
         out = emb(
             torch.tensor(counts.indptr).long(),
             torch.tensor(counts.indices).long(),
             torch.tensor(counts.data).float(),
         )
-    table = emb.genes.weight.detach() if rows is None else emb.genes.weight.detach()[rows]
-    expected = torch.log1p(torch.tensor(counts.toarray()).float()) @ table
+    expected = torch.log1p(torch.tensor(counts.toarray()).float()) @ emb.genes.weight
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[3] == 0)
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0])
-def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows(dense_above):
-    emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]), dense_above=dense_above)
-    out = emb(torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([math.e - 1, 0.0]))
+def test_gene_bag_embedder_maps_a_gene_subset_to_table_rows():
+    emb = GeneBagEmbedder(10, 4, gene_rows=torch.tensor([7, 2]))
+    out = emb(torch.tensor([0, 2, 2]), torch.tensor([0, 1]), torch.tensor([math.e - 1, 0.0]))
     torch.testing.assert_close(out[0], emb.genes.weight[7])
+    torch.testing.assert_close(out[1], torch.zeros(4))
+
+
+def test_gene_bag_embedder_of_cells_without_counts_is_zero():
+    emb = GeneBagEmbedder(10, 4)
+    out = emb(torch.tensor([0, 0, 0]), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    assert torch.equal(out, torch.zeros(2, 4))
 
 
 def test_positional_encoding_channels_and_placeholder():
@@ -366,74 +272,3 @@ def test_latents_are_deterministic_in_eval_and_sampled_in_training():
     assert not torch.allclose(layer(h).z, layer(h).z)
     kl = layer.kl(LatentOutput(Normal(torch.zeros(2, 3), torch.ones(2, 3)), torch.zeros(2, 3)))["kl_z"]
     torch.testing.assert_close(kl, torch.zeros(2))
-
-
-def test_dropout_zeroes_at_rate_scales_survivors_and_is_identity_in_eval():
-    drop = Dropout(0.2)
-    assert isinstance(drop, torch.nn.Dropout)
-    x = torch.full((400, 300), 2.0, requires_grad=True)
-    torch.manual_seed(5)
-    out = drop(x)
-    kept = out != 0
-    tolerance = 5 * (0.2 * 0.8 / x.numel()) ** 0.5  # five standard errors
-    assert abs(1 - kept.float().mean().item() - 0.2) <= tolerance
-    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0 / 0.8))
-    out.sum().backward()
-    torch.testing.assert_close(x.grad, kept.float() / 0.8)
-    torch.manual_seed(5)
-    assert torch.equal(drop(x), out)  # seeded like the rest of torch
-    drop.eval()
-    assert drop(x) is x
-    assert torch.equal(Dropout(1.0)(x), torch.zeros_like(x))  # torch's kernel: no 1 / (1 - p)
-
-
-def test_gelu_overwrites_its_input_only_without_autograd():
-    x = torch.randn(50, 8)
-    expected = F.gelu(x)
-    gelu = GELU(inplace=True)
-    y = x.clone().requires_grad_(True)
-    out = gelu(y)
-    assert out.data_ptr() != y.data_ptr()
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    assert y.grad is not None
-    for grad_mode in (torch.no_grad, torch.inference_mode):
-        z = x.clone()
-        with grad_mode():
-            out = gelu(z)
-        assert out.data_ptr() == z.data_ptr()
-        torch.testing.assert_close(z, expected)
-    z = x.clone()
-    with torch.no_grad():
-        GELU()(z)
-    assert torch.equal(z, x)  # not in place unless asked
-
-
-@pytest.mark.parametrize("affine", [True, False])
-def test_group_norm_of_rows_equals_torch_group_norm_forward_and_backward(affine):
-    torch.manual_seed(0)
-    ours, theirs = GroupNorm(4, 16, affine=affine), nn.GroupNorm(4, 16, affine=affine)
-    if affine:
-        with torch.no_grad():
-            ours.weight.normal_(), ours.bias.normal_()
-        theirs.load_state_dict(ours.state_dict())  # same parameters, same state dict keys
-    x = 3 * torch.randn(40, 16) + 1
-    upstream = torch.randn(40, 16)
-    results = []
-    for norm in (ours, theirs):
-        y = x.clone().requires_grad_(True)
-        out = norm(y)
-        (out * upstream).sum().backward()
-        results.append((out, y.grad, *[p.grad for p in norm.parameters()]))
-    for mine, reference in zip(*results, strict=True):
-        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-5)
-    with torch.inference_mode():
-        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the input's dtype, as torch's GroupNorm
-        mine, reference = ours(x.bfloat16()), theirs(x.bfloat16())
-    assert mine.dtype == reference.dtype == torch.bfloat16
-    torch.testing.assert_close(mine.float(), reference.float(), atol=0.1, rtol=0.05)
-    images = torch.randn(3, 16, 5)  # other shapes: torch's own GroupNorm
-    torch.testing.assert_close(ours(images), theirs(images))
-    with pytest.raises(ValueError, match="Expected 16 channels"):
-        ours(torch.randn(40, 8))

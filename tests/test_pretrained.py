@@ -101,7 +101,7 @@ def reference_outputs(ref, adata: ad.AnnData, layout: str, batch_ids: dict, data
     return {"z": z_all, "mean": mean_all, "kept": kept}
 
 
-@pytest.mark.parametrize(("layout", "ours"), [("vae", "normal"), ("gmvae", "gmvae")])
+@pytest.mark.parametrize(("layout", "ours"), [("vae", "normal"), ("gmvae", "released_gmm")])
 def test_parity_with_the_reference(tmp_path, layout, ours):
     ref = reference_model(layout)
     prefix = save_checkpoint(ref, tmp_path, f"tiny_{layout}")
@@ -160,7 +160,7 @@ def test_released_85m_state_dict_loads_without_missing_or_unexpected_keys():
     cellformer = pytest.importorskip("CellPLM.model.cellformer", reason="reference CellPLM is not installed")
     ref = cellformer.OmicsFormer(**config)
     checkpoint = CellPLMCheckpoint(config, ref.state_dict())
-    assert checkpoint.layout == "gmvae"
+    assert checkpoint.layout == "released_gmm"
     rows = list(range(0, 19374, 97))
     module = CellPLMModule(len(rows), 3, **module_kwargs(checkpoint, rows, use_positional_encoding=False))
     report = load_released_weights(module, checkpoint, [None, 7, None])

@@ -73,7 +73,7 @@ def test_bad_input_raises_a_clear_error(mutate, setup, error, message):
 def test_log_normalised_input_warns_with_the_ways_out():
     adata = make_tissues(n_cells=60)
     adata.X = sp.csr_matrix(np.log1p(adata.layers["counts"].toarray()))
-    with pytest.warns(UserWarning, match=r"non-integer values.*layer=.*likelihood='mse'"):
+    with pytest.warns(UserWarning, match=r"non-integer values.*raw counts.*layer="):
         CellPLM.setup_anndata(adata)
 
 

@@ -1,11 +1,20 @@
 """Data pipeline: tissue index, packing sampler, token-set collation, loaders and splitter."""
 
 from ._collate import TissueData, TokenSetDataset, csr_parts, measured_genes, read_rows
-from ._loaders import TissueDataLoader, TissueDataSplitter, split_units, tissue_data
+from ._loaders import (
+    DEFAULT_MAX_CELLS_PER_BATCH,
+    DEFAULT_MAX_CELLS_PER_TISSUE,
+    TissueDataLoader,
+    TissueDataSplitter,
+    split_units,
+    tissue_data,
+)
 from ._sampler import TissuePackingSampler, pack_units, shard_units
 from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
 
 __all__ = [
+    "DEFAULT_MAX_CELLS_PER_BATCH",
+    "DEFAULT_MAX_CELLS_PER_TISSUE",
     "TissueData",
     "TissueDataLoader",
     "TissueDataSplitter",

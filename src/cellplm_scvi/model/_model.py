@@ -29,10 +29,14 @@ from scvi.model.base._training_mixin import get_max_epochs_heuristic
 from scvi.utils import setup_anndata_dsp, track
 
 from cellplm_scvi._constants import BATCH_KEYS, CELLPLM_REGISTRY_KEYS
-from cellplm_scvi.data import TissueDataLoader, TissueDataSplitter, tissue_data
-from cellplm_scvi.data._loaders import DEFAULT_MAX_CELLS_PER_BATCH, DEFAULT_MAX_CELLS_PER_TISSUE
-from cellplm_scvi.module import CellPLMModule
-from cellplm_scvi.module._likelihood import library_sizes
+from cellplm_scvi.data import (
+    DEFAULT_MAX_CELLS_PER_BATCH,
+    DEFAULT_MAX_CELLS_PER_TISSUE,
+    TissueDataLoader,
+    TissueDataSplitter,
+    tissue_data,
+)
+from cellplm_scvi.module import CellPLMModule, library_sizes
 from cellplm_scvi.pretrained import align_genes, load_released_weights, module_kwargs, read_checkpoint
 
 from ._fields import CoordinatesField, MuDataCoordinatesField
@@ -85,7 +89,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Context limit: the largest set of cells that attend to each other.
     **module_kwargs
         Passed to :class:`~cellplm_scvi.module.CellPLMModule` (``n_hidden``, ``n_layers``,
-        ``n_heads``, ``n_latent``, ``n_components``, ``latent``, ``attention``, ``likelihood``,
+        ``n_heads``, ``n_latent``, ``n_components``, ``latent``, ``attention``,
         ``dropout``, masking rates, ``use_positional_encoding``, ...).
 
     Examples
@@ -123,8 +127,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         m = self.module
         self._model_summary_string = (
             f"CellPLM model ({preset or 'default'}): latent={m.latent_kind}, "
-            f"attention={type(m.encoder.layers[0].attention).__name__}, likelihood={m.likelihood}, "
-            f"n_hidden={m.embedder.genes.embedding_dim}, n_layers={len(m.encoder.layers)}, n_latent={m.n_latent}, "
+            f"attention={type(m.encoder.layers[0].attention).__name__}, "
+            f"n_hidden={m.n_hidden}, n_layers={len(m.encoder.layers)}, n_latent={m.n_latent}, "
             f"positional encoding={'on' if m.use_positional_encoding else 'off'}, "
             f"max_cells_per_tissue={self.max_cells_per_tissue}, "
             f"{sum(p.numel() for p in m.parameters()):,} parameters"
@@ -154,7 +158,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         %(param_adata)s
         %(param_layer)s
-            Must hold raw counts for ``likelihood="nb"``.
+            Must hold raw counts.
         %(param_batch_key)s
             The sample / slide; the decoder learns one embedding per batch.
         fov_key
@@ -601,7 +605,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         # Large units go one per forward pass and small ones are packed: peak memory follows the
         # largest unit, not the training budget (the result does not depend on the packing).
         largest_unit = int(index.unit_sizes[units].max(initial=0))
-        default = inference_cells_per_batch(self.module.embedder.genes.embedding_dim)
+        default = inference_cells_per_batch(self.module.n_hidden)
         budget = max(batch_size or default, largest_unit)
         loader = self._make_data_loader(
             adata=adata, indices=context, max_cells_per_batch=budget, with_measured=False
@@ -691,10 +695,6 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         indices = self._indices(adata, indices)
-        if (return_dist or not give_mean) and self.module.latent_kind == "none":
-            raise ValueError(
-                "This model has a deterministic latent (latent='none'): it has no distribution to sample."
-            )
         n_latent = self.module.n_latent
         means = np.zeros((adata.n_obs, n_latent), dtype=np.float32)
         variances = np.zeros_like(means) if return_dist else None
@@ -720,11 +720,11 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> np.ndarray:
         """Mixture-component probabilities ``q(y|.)`` at inference: ``(len(indices), n_components)``.
 
-        Only for the mixture latents (``latent="gmm"`` or ``"gmvae"``).
+        Only for the mixture latents (``latent="gmm"`` or ``"released_gmm"``).
         """
-        if self.module.latent_kind not in ("gmm", "gmvae"):
+        if self.module.latent_kind not in ("gmm", "released_gmm"):
             raise ValueError(
-                f"Cluster probabilities need a mixture latent ('gmm' or 'gmvae'); this model has "
+                f"Cluster probabilities need a mixture latent ('gmm' or 'released_gmm'); this model has "
                 f"latent={self.module.latent_kind!r}."
             )
         self._check_if_trained(warn=False)
@@ -880,9 +880,8 @@ def _gene_positions(var_names: Sequence[str], gene_list: Sequence[str]) -> np.nd
 def _warn_if_not_counts(matrix, where: str) -> None:
     if not check_counts(matrix, where):
         warnings.warn(
-            f"{where} holds non-integer values, but likelihood='nb' models raw counts. Pass the raw counts "
-            "with layer=... (e.g. layer='counts'), or build the model with likelihood='mse' for "
-            "log-normalised data.",
+            f"{where} holds non-integer values, but CellPLM models raw counts (negative binomial). Pass the "
+            "raw counts with layer=... (e.g. layer='counts').",
             UserWarning,
             stacklevel=settings.warnings_stacklevel + 1,
         )

@@ -1,5 +1,6 @@
 """The CellPLM scvi-tools module."""
 
+from ._likelihood import library_sizes, stored_entries
 from ._module import CellPLMModule
 
-__all__ = ["CellPLMModule"]
+__all__ = ["CellPLMModule", "library_sizes", "stored_entries"]

@@ -2,37 +2,35 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from scvi import settings
 from scvi.distributions import NegativeBinomial
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from cellplm_scvi._constants import BATCH_KEYS
 from cellplm_scvi.nn import (
+    ATTENTION_KINDS,
+    LATENT_KINDS,
+    RELEASED_LOGIT_RANGE,
     BatchAwareDecoder,
     CellEncoder,
     GeneBagEmbedder,
+    LatentOutput,
     Sinusoidal2dEncoding,
     TokenProjection,
-)
-from cellplm_scvi.nn._attention import ATTENTION_KINDS, segment_ids, segment_sum
-from cellplm_scvi.nn._decoder import RELEASED_LOGIT_RANGE
-from cellplm_scvi.nn._dropout import bernoulli_mask
-from cellplm_scvi.nn._latent import LATENT_KINDS, LatentOutput
-
-from ._likelihood import (
-    dense_counts,
-    entry_rows,
-    entry_weights,
-    library_sizes,
+    csr_rows,
     nb_reconstruction,
-    stored_entries,
+    segment_ids,
+    segment_sum,
 )
 
-LIKELIHOODS = ("nb", "mse")
+from ._likelihood import library_sizes, stored_entries
+
 _INFERENCE_KEYS = (
     BATCH_KEYS.X_INDPTR,
     BATCH_KEYS.X_INDICES,
@@ -43,6 +41,49 @@ _INFERENCE_KEYS = (
 )
 _MASKING_KEYS = (BATCH_KEYS.MEASURED, BATCH_KEYS.MEASURED_ROW)
 """Inference needs these only to mask genes in training; minibatches served for inference alone leave them out."""
+
+RELEASED_BOTTLENECK = 128
+"""Width of the released decoder head's bottleneck."""
+
+_DEPRECATED_LATENTS = {"gmvae": "released_gmm"}
+_DEPRECATED_LAYOUT_ARGUMENTS = (
+    "decoder_batch_injection",
+    "decoder_bottleneck",
+    "n_pretrained_datasets",
+    "n_gene_table",
+    "gene_rows",
+)
+
+
+def _renamed_arguments(
+    latent: str, released_layout: dict | None, deprecated: dict
+) -> tuple[str, dict | None]:
+    """Map the arguments renamed in 0.2 to their new names, with a warning; refuse unknown ones."""
+    unknown = set(deprecated) - set(_DEPRECATED_LAYOUT_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"CellPLMModule got unexpected keyword arguments {sorted(unknown)}.")
+    if latent in _DEPRECATED_LATENTS:
+        warnings.warn(
+            f"latent={latent!r} is now called latent={_DEPRECATED_LATENTS[latent]!r}; the old name goes in 0.3.",
+            FutureWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )
+        latent = _DEPRECATED_LATENTS[latent]
+    if deprecated:
+        warnings.warn(
+            f"{sorted(deprecated)} are replaced by released_layout={{'n_gene_table', 'gene_rows', "
+            "'n_datasets'}; the old arguments go in 0.3.",
+            FutureWarning,
+            stacklevel=settings.warnings_stacklevel,
+        )
+        if deprecated.get("decoder_batch_injection", "latent") == "hidden":
+            released_layout = {
+                "n_gene_table": deprecated.get("n_gene_table"),
+                "gene_rows": deprecated.get("gene_rows"),
+                "n_datasets": deprecated.get("n_pretrained_datasets", 0),
+            }
+            released_layout = {k: v for k, v in released_layout.items() if v is not None}
+    return latent, released_layout
 
 
 def _choose(name: str, value: str, options) -> str:
@@ -80,16 +121,12 @@ class CellPLMModule(BaseModuleClass):
     n_latent
         Latent width ``L``.
     n_components
-        Mixture components ``K`` (``latent="gmm"``).
+        Mixture components ``K`` (mixture latents).
     latent
-        ``"gmm"`` (Gaussian-mixture prior of the paper), ``"gmvae"`` (the released ``20230926``
-        mixture layout), ``"normal"`` (standard normal prior) or ``"none"`` (deterministic
-        autoencoder).
+        ``"gmm"`` (the paper's Gaussian-mixture prior), ``"normal"`` (standard normal prior) or
+        ``"released_gmm"`` (the mixture layout of the released ``20230926`` checkpoint).
     attention
         ``"flow"`` (Flowformer, linear in cells) or ``"softmax"`` (exact).
-    likelihood
-        ``"nb"`` (negative binomial on counts) or ``"mse"`` (squared error on
-        ``log1p(1e4 x / l)``).
     n_decoder_hidden
         Width of the decoder's hidden blocks.
     n_decoder_layers
@@ -104,13 +141,14 @@ class CellPLMModule(BaseModuleClass):
         Weight of the masked cells' full-profile term in the reconstruction loss.
     use_positional_encoding
         Add the spatial encoding (off for ablations).
-    decoder_batch_injection, decoder_bottleneck, n_pretrained_datasets
-        Decoder layout (see :class:`~cellplm_scvi.nn.BatchAwareDecoder`); the released CellPLM
-        uses ``"hidden"``, 128 and a 484-row dataset table.
-    n_gene_table, gene_rows
-        With a pre-trained gene table of ``n_gene_table`` genes, the input genes are its rows
-        ``gene_rows`` (any subset, any order); the decoder predicts the whole table and the
-        likelihood reads the input genes' columns. ``None``: the table is the input genes.
+    released_layout
+        ``None``: this package's layout. For the released CellPLM checkpoints (set by
+        :meth:`~cellplm_scvi.CellPLM.from_cellplm_checkpoint`), a dict with ``n_gene_table`` (rows
+        of the pre-trained gene table), ``gene_rows`` (its rows of the input genes, any subset in
+        any order) and ``n_datasets`` (rows of the dataset covariate table): the decoder then
+        predicts the whole table and adds the batch after every hidden block, its head has a
+        128-wide bottleneck and its logits are clamped as in the release; the likelihood reads
+        the input genes' columns.
     """
 
     def __init__(
@@ -122,9 +160,8 @@ class CellPLMModule(BaseModuleClass):
         n_heads: int = 4,
         n_latent: int = 32,
         n_components: int = 16,
-        latent: Literal["gmm", "gmvae", "normal", "none"] = "gmm",
+        latent: Literal["gmm", "normal", "released_gmm"] = "gmm",
         attention: Literal["flow", "softmax"] = "flow",
-        likelihood: Literal["nb", "mse"] = "nb",
         n_decoder_hidden: int = 256,
         n_decoder_layers: int = 1,
         dropout: float = 0.1,
@@ -132,16 +169,13 @@ class CellPLMModule(BaseModuleClass):
         mask_gene_rate: float = 0.25,
         full_profile_weight: float = 1.0,
         use_positional_encoding: bool = True,
-        decoder_batch_injection: Literal["latent", "hidden"] = "latent",
-        decoder_bottleneck: int | None = None,
-        n_pretrained_datasets: int = 0,
-        n_gene_table: int | None = None,
-        gene_rows: list[int] | None = None,
+        released_layout: dict | None = None,
+        **deprecated,
     ):
         super().__init__()
+        latent, released_layout = _renamed_arguments(latent, released_layout, deprecated)
         _choose("latent", latent, LATENT_KINDS)
         _choose("attention", attention, ATTENTION_KINDS)
-        _choose("likelihood", likelihood, LIKELIHOODS)
         for name, size in {
             "n_input": n_input,
             "n_hidden": n_hidden,
@@ -163,12 +197,13 @@ class CellPLMModule(BaseModuleClass):
                 f"n_hidden and n_decoder_hidden must be divisible by 4 (GroupNorm), got {n_hidden}, {n_decoder_hidden}."
             )
         self.n_input, self.n_batch, self.n_latent = n_input, n_batch, n_latent
-        self.likelihood = likelihood
         self.mask_cell_rate, self.mask_gene_rate = mask_cell_rate, mask_gene_rate
         self.full_profile_weight = full_profile_weight
         self.use_positional_encoding = use_positional_encoding
 
-        n_table = n_input if n_gene_table is None else int(n_gene_table)
+        released = released_layout or {}
+        n_table = int(released.get("n_gene_table", n_input))
+        gene_rows = released.get("gene_rows")
         if gene_rows is not None and (
             len(gene_rows) != n_input or min(gene_rows) < 0 or max(gene_rows) >= n_table
         ):
@@ -183,7 +218,7 @@ class CellPLMModule(BaseModuleClass):
         self.encoder = CellEncoder(n_hidden, n_layers, n_heads, dropout, attention)
         self.pre_latent_norm = nn.LayerNorm(n_hidden)
         latent_cls = LATENT_KINDS[latent]
-        mixture = latent in ("gmm", "gmvae")
+        mixture = latent in ("gmm", "released_gmm")
         self.latent = (
             latent_cls(n_hidden, n_latent, n_components) if mixture else latent_cls(n_hidden, n_latent)
         )
@@ -194,16 +229,21 @@ class CellPLMModule(BaseModuleClass):
             n_decoder_hidden,
             n_decoder_layers,
             dropout,
-            batch_injection=decoder_batch_injection,
-            bottleneck=decoder_bottleneck,
-            n_datasets=n_pretrained_datasets,
-            logit_range=RELEASED_LOGIT_RANGE if decoder_batch_injection == "hidden" else None,
+            batch_injection="hidden" if released_layout else "latent",
+            bottleneck=RELEASED_BOTTLENECK if released_layout else None,
+            n_datasets=int(released.get("n_datasets", 0)),
+            logit_range=RELEASED_LOGIT_RANGE if released_layout else None,
         )
-        self.log_dispersion = nn.Parameter(torch.zeros(n_table)) if likelihood == "nb" else None
+        self.log_dispersion = nn.Parameter(torch.zeros(n_table))
+
+    @property
+    def n_hidden(self) -> int:
+        """Token / encoder width ``D``."""
+        return self.embedder.n_hidden
 
     @property
     def latent_kind(self) -> str:
-        """``"gmm"``, ``"gmvae"``, ``"normal"`` or ``"none"``."""
+        """``"gmm"``, ``"normal"`` or ``"released_gmm"``."""
         return self.latent.kind
 
     # ---------------------------------------------------------------- masking
@@ -219,7 +259,7 @@ class CellPLMModule(BaseModuleClass):
         rank[order] = torch.arange(n_cells, device=device) - segment_ptr[:-1].repeat_interleave(lengths)
         masked_cells = rank < (lengths.double() * self.mask_cell_rate).long()[segment]
         chosen = masked_cells.nonzero().squeeze(1)
-        draws = bernoulli_mask((chosen.numel(), self.n_input), self.mask_gene_rate, device)
+        draws = torch.rand(chosen.numel(), self.n_input, device=device) < self.mask_gene_rate
         masked_entries = torch.zeros(n_cells, self.n_input, dtype=torch.bool, device=device)
         masked_entries[chosen] = draws & tensors[BATCH_KEYS.MEASURED][measured_row[chosen]]
         return masked_cells, masked_entries
@@ -268,7 +308,7 @@ class CellPLMModule(BaseModuleClass):
                     BATCH_KEYS.MEASURED_ROW: measured_row,
                 }
             )
-            entry_positions = entry_rows(x_indptr) * self.n_input + x_indices
+            entry_positions = csr_rows(x_indptr) * self.n_input + x_indices
             values = x_data.masked_fill(masked_entries.view(-1).index_select(0, entry_positions), 0.0)
             scored_cells = masked_cells.nonzero().squeeze(1)
         h = self.embedder(x_indptr, x_indices, values)
@@ -276,7 +316,7 @@ class CellPLMModule(BaseModuleClass):
             token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()
             h = h + self.positional_encoding(coords, has_coords, token_scale)
         h = self.projection(h)
-        h = self.pre_latent_norm(self.encoder(h, segment_ptr, overwrite_input=True))  # h is our own
+        h = self.pre_latent_norm(self.encoder(h, segment_ptr))
         latent = self.latent(h, n_samples=n_samples)
         return {
             "z": latent.z,
@@ -314,8 +354,7 @@ class CellPLMModule(BaseModuleClass):
 
         Returns
         -------
-        dict with ``px_logits`` (``(..., N, G)``): gene logits (``"nb"``) or predicted
-        log-normalised expression (``"mse"``).
+        dict with ``px_logits``, the ``(..., N, G)`` gene logits.
         """
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, int(transform_batch))
@@ -328,11 +367,8 @@ class CellPLMModule(BaseModuleClass):
         return theta.exp().clamp(1e-4, 1e4)
 
     def normalized_expression(self, px_logits: torch.Tensor) -> torch.Tensor:
-        """``(..., N, G)`` expression per unit library (rows sum to 1)."""
-        if self.likelihood == "nb":
-            return F.softmax(px_logits, dim=-1)
-        expression = torch.expm1(px_logits).clamp(min=0)
-        return expression / expression.sum(-1, keepdim=True).clamp(min=1e-12)
+        """``(..., N, G)`` expression per unit library: the softmax of the logits (rows sum to 1)."""
+        return F.softmax(px_logits, dim=-1)
 
     # ------------------------------------------------------------------- loss
     def _reconstruction(
@@ -343,22 +379,17 @@ class CellPLMModule(BaseModuleClass):
         measured: torch.Tensor,
         masked: torch.Tensor | None,
     ) -> torch.Tensor:
-        """``(S,)`` weighted per-cell loss of the cells ``rows``: NB negative log-likelihood or squared error.
+        """``(S,)`` weighted NB negative log-likelihood of the cells ``rows`` (:func:`~cellplm_scvi.nn.nb_reconstruction`).
 
         Entry weights are ``masked + full_profile_weight * measured`` (``measured`` when ``masked``
         is ``None``); ``px_logits``, ``measured`` and ``masked`` are ``(S, G)``.
         """
-        if self.likelihood == "nb":
-            entries = stored_entries(tensors, rows)
-            row, _, counts = entries  # the scored cells' library sizes from their own entries
-            library = segment_sum(counts, row, rows.numel())[:, None]
-            return nb_reconstruction(
-                px_logits, library, self.dispersion(), measured, masked, self.full_profile_weight, entries
-            )
-        library = library_sizes(tensors)[rows]
-        weights = entry_weights(measured, masked, self.full_profile_weight, px_logits.dtype)
-        target = torch.log1p(dense_counts(tensors, self.n_input)[rows] / library.clamp(min=1.0) * 1e4)
-        return ((px_logits - target).square() * weights).sum(-1)
+        entries = stored_entries(tensors, rows)
+        row, _, counts = entries  # the scored cells' library sizes from their own entries
+        library = segment_sum(counts, row, rows.numel())[:, None]
+        return nb_reconstruction(
+            px_logits, library, self.dispersion(), measured, masked, self.full_profile_weight, entries
+        )
 
     def loss(
         self,
@@ -372,8 +403,7 @@ class CellPLMModule(BaseModuleClass):
         With ``M`` the masked cells, ``m_ij`` the masked entries (measured genes only, masked
         zeros included), ``G_i`` the measured genes of cell ``i`` and ``l_ij`` the per-entry loss
         (NB negative log-likelihood with mean ``l_i * rho_ij``, ``rho_i`` the decoder's softmax
-        renormalised over ``G_i`` and ``l_i`` the observed library; or the squared error on
-        ``log1p(1e4 x / l)``), the reconstruction term of cell ``i`` in training is
+        renormalised over ``G_i`` and ``l_i`` the observed library), the reconstruction term of cell ``i`` in training is
 
         .. math:: r_i = \sum_j m_{ij} l_{ij} + w \, [i \in M] \sum_{j \in G_i} l_{ij}
 
@@ -411,9 +441,7 @@ class CellPLMModule(BaseModuleClass):
     def sample(
         self, tensors: dict[str, torch.Tensor], n_samples: int = 1, generative_kwargs: dict | None = None
     ) -> torch.Tensor:
-        """Posterior predictive counts, ``(N, G)`` or ``(N, G, S)`` on the CPU (NB likelihood only)."""
-        if self.likelihood != "nb":
-            raise ValueError("Posterior predictive sampling needs likelihood='nb'.")
+        """Posterior predictive counts, ``(N, G)`` or ``(N, G, S)`` on the CPU."""
         inference_outputs, generative_outputs = self.forward(
             tensors,
             inference_kwargs={"n_samples": n_samples},

@@ -8,16 +8,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ._dropout import Dropout
-from ._norm import GroupNorm
-
 #: The released model's mean activation, ``clamp(exp(.), 1e-5, 1e6)``, as a range of logits.
 RELEASED_LOGIT_RANGE = (math.log(1e-5), math.log(1e6))
 
 
 def _covariate(n_rows: int, n_hidden: int) -> nn.Sequential:
     """``GroupNorm(PReLU(Embedding(code)))``: a covariate vector added to a hidden block."""
-    return nn.Sequential(nn.Embedding(max(n_rows, 1), n_hidden), nn.PReLU(), GroupNorm(4, n_hidden))
+    return nn.Sequential(nn.Embedding(max(n_rows, 1), n_hidden), nn.PReLU(), nn.GroupNorm(4, n_hidden))
 
 
 class BatchAwareDecoder(nn.Module):
@@ -81,7 +78,7 @@ class BatchAwareDecoder(nn.Module):
         for _ in range(n_layers):
             blocks.append(
                 nn.Sequential(
-                    nn.Linear(width, n_hidden), nn.PReLU(), Dropout(dropout), GroupNorm(4, n_hidden)
+                    nn.Linear(width, n_hidden), nn.PReLU(), nn.Dropout(dropout), nn.GroupNorm(4, n_hidden)
                 )
             )
             width = n_hidden

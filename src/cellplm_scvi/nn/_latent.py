@@ -1,4 +1,4 @@
-"""Latent layers: Gaussian-mixture prior (the paper), plain Gaussian, or deterministic.
+"""Latent layers: Gaussian-mixture prior (the paper), the released checkpoint's mixture layout, or a plain Gaussian.
 
 Each layer maps encoder states ``h`` (``(N, D)``) to a :class:`LatentOutput` and scores it with
 :meth:`kl`, which returns per-cell terms (``(N,)`` each).
@@ -24,7 +24,7 @@ class LatentOutput:
     Attributes
     ----------
     qz
-        ``q(z|x)`` with ``(N, L)`` loc and scale, or ``None`` for the deterministic layer.
+        ``q(z|x)`` with ``(N, L)`` loc and scale.
     z
         ``(N, L)`` sample in training, the mean otherwise (or ``(S, N, L)`` for ``S`` samples).
     cluster_logits
@@ -33,7 +33,7 @@ class LatentOutput:
         ``p(z|y)`` for the released mixture layout.
     """
 
-    qz: Normal | None
+    qz: Normal
     z: torch.Tensor
     cluster_logits: torch.Tensor | None = None
     prior: Normal | None = None
@@ -181,7 +181,7 @@ class ReleasedGaussianMixtureLatent(nn.Module):
         Width of the ``q(z|h,y)`` hidden layer (512 in the release).
     """
 
-    kind = "gmvae"
+    kind = "released_gmm"
 
     def __init__(self, n_hidden: int, n_latent: int, n_components: int, n_inner: int = 512):
         super().__init__()
@@ -233,42 +233,14 @@ class NormalLatent(_GaussianPosterior):
         return {"kl_z": 0.5 * (sigma.square() + mu.square() - 1.0 - 2.0 * sigma.log()).sum(-1)}
 
 
-class DeterministicLatent(nn.Module):
-    """``z = Linear(h)``: a deterministic autoencoder bottleneck with no KL term.
-
-    Parameters
-    ----------
-    n_hidden
-        Input width ``D``.
-    n_latent
-        Latent width ``L``.
-    """
-
-    kind = "none"
-
-    def __init__(self, n_hidden: int, n_latent: int):
-        super().__init__()
-        self.mean = nn.Linear(n_hidden, n_latent)
-
-    def forward(self, h: torch.Tensor, n_samples: int = 1) -> LatentOutput:
-        z = self.mean(h)
-        return LatentOutput(None, z if n_samples == 1 else z.expand(n_samples, *z.shape))
-
-    def kl(self, out: LatentOutput) -> dict[str, torch.Tensor]:
-        """No KL term: an empty dict."""
-        return {}
-
-
 LATENT_KINDS = {
     "gmm": GaussianMixtureLatent,
-    "gmvae": ReleasedGaussianMixtureLatent,
+    "released_gmm": ReleasedGaussianMixtureLatent,
     "normal": NormalLatent,
-    "none": DeterministicLatent,
 }
 
 __all__ = [
     "LATENT_KINDS",
-    "DeterministicLatent",
     "GaussianMixtureLatent",
     "LatentOutput",
     "NormalLatent",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cellplm_scvi.nn._attention import SEPARATE_PROJECTIONS, fuse_projections
+from cellplm_scvi.nn import SEPARATE_PROJECTIONS, fuse_projections
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class CellPLMCheckpoint:
     state_dict
         ``model_state_dict`` of the ``.best.ckpt`` file, on the CPU.
     layout
-        ``"gmvae"`` (``20230926``, mixture latent) or ``"normal"`` (``20231027``, plain Gaussian).
+        ``"released_gmm"`` (``20230926``, mixture latent) or ``"normal"`` (``20231027``, plain Gaussian).
     """
 
     config: dict
@@ -38,7 +38,7 @@ class CellPLMCheckpoint:
     def __post_init__(self):
         keys = self.state_dict.keys()
         if any(k.startswith("latent.layers.1.inference.") for k in keys):
-            self.layout = "gmvae"
+            self.layout = "released_gmm"
         elif "latent.layers.1.hid_2mu.weight" in keys:
             self.layout = "normal"
         else:
@@ -118,18 +118,17 @@ def module_kwargs(checkpoint: CellPLMCheckpoint, gene_rows: list[int], use_posit
         "n_components": config.get("num_clusters", 16),
         "latent": checkpoint.layout,
         "attention": "flow",
-        "likelihood": "nb",
         "n_decoder_hidden": config["dec_hid"],
         "n_decoder_layers": config["dec_layers"] - 1,
         "dropout": config.get("model_dropout", 0.1),
         "mask_cell_rate": config.get("mask_node_rate", 0.75),
         "mask_gene_rate": config.get("mask_feature_rate", 0.25),
         "use_positional_encoding": use_positional_encoding,
-        "decoder_batch_injection": "hidden",
-        "decoder_bottleneck": 128,
-        "n_pretrained_datasets": config.get("dataset_num", 0),
-        "n_gene_table": len(config["gene_list"]),
-        "gene_rows": [int(r) for r in gene_rows],
+        "released_layout": {
+            "n_gene_table": len(config["gene_list"]),
+            "gene_rows": [int(r) for r in gene_rows],
+            "n_datasets": config.get("dataset_num", 0),
+        },
     }
 
 
