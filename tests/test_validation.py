@@ -13,6 +13,7 @@ import scvi
 from conftest import TINY_MODEL, make_tissues
 
 from cellplm_scvi import CellPLM
+from cellplm_scvi.data import tissue_data
 
 SMALL = TINY_MODEL
 TRAIN = {"max_cells_per_batch": 100, "accelerator": "cpu", "enable_progress_bar": False}
@@ -130,7 +131,7 @@ def test_degenerate_data_trains_to_finite_embeddings():
 def test_tissue_far_larger_than_the_context_is_tiled():
     adata = make_tissues(n_cells=600, n_samples=1, n_fovs=1)
     model = train_small(adata, layer="counts", spatial_key="spatial")
-    index = model.adata_manager.__dict__["_cellplm_tissue_data"][(50, 0)].index
+    index = tissue_data(model.adata_manager, 50).index
     assert index.n_units == 12 and index.unit_sizes.max() <= 50
 
 

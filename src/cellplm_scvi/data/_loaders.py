@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CELLS_PER_TISSUE = 4000
 DEFAULT_MAX_CELLS_PER_BATCH = 4000
-_CACHE_ATTR = "_cellplm_tissue_data"
 
 
 def _codes(adata_manager: AnnDataManager, key: str) -> np.ndarray:
@@ -29,13 +28,13 @@ def _codes(adata_manager: AnnDataManager, key: str) -> np.ndarray:
 
 
 def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: int = 0) -> TissueData:
-    """Read (once per manager and setting) what the pipeline needs from a registered AnnData.
+    """Read what the pipeline needs from a registered AnnData: counts, batches, coordinates and the tissue index.
 
-    A tissue is one (batch, fov) pair. The result is cached on the manager.
+    A tissue is one (batch, fov) pair. Reading takes about 1 % of an embedding pass over the
+    same cells (0.17 s for 100,000 tiled cells), so nothing is cached: the data splitter reads
+    once per training run and every inference call reads afresh, so changes to the AnnData
+    between calls are seen.
     """
-    cache = adata_manager.__dict__.setdefault(_CACHE_ATTR, {})
-    if (max_cells_per_tissue, seed) in cache:
-        return cache[(max_cells_per_tissue, seed)]
     batch = _codes(adata_manager, REGISTRY_KEYS.BATCH_KEY)
     fov = _codes(adata_manager, CELLPLM_REGISTRY_KEYS.FOV_KEY)
     pair = batch * (int(fov.max(initial=0)) + 1) + fov  # (batch, fov) in lexicographic order
@@ -54,7 +53,7 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
             # stored value as a whole count, so they are summed, on a copy of the user's matrix.
             matrix = matrix.copy()
             matrix.sum_duplicates()
-    data = TissueData(
+    return TissueData(
         matrix=matrix,
         batch_codes=batch,
         coords=coords,
@@ -63,8 +62,6 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
         ),
         n_batch=adata_manager.summary_stats.n_batch,
     )
-    cache[(max_cells_per_tissue, seed)] = data
-    return data
 
 
 class TissueDataLoader(DataLoader):
@@ -97,6 +94,8 @@ class TissueDataLoader(DataLoader):
         Epoch whose shuffle order to serve first.
     distributed_sampler
         Shard units across distributed replicas.
+    data
+        What :func:`tissue_data` read from the AnnData, when the caller has it already.
     **kwargs
         Passed on to :class:`torch.utils.data.DataLoader` (``num_workers``, ``pin_memory``, ...).
     """
@@ -113,6 +112,7 @@ class TissueDataLoader(DataLoader):
         with_measured: bool = True,
         epoch: int = 0,
         distributed_sampler: bool = False,
+        data: TissueData | None = None,
         **kwargs,
     ):
         for ignored in (
@@ -126,7 +126,8 @@ class TissueDataLoader(DataLoader):
         if kwargs.get("num_workers", 0) == 0:
             kwargs.pop("persistent_workers", None)
         budget = max_cells_per_batch or batch_size or DEFAULT_MAX_CELLS_PER_BATCH
-        data = tissue_data(adata_manager, max_cells_per_tissue)
+        if data is None:
+            data = tissue_data(adata_manager, max_cells_per_tissue)
         index = data.index if indices is None else data.index.restrict(np.asarray(indices))
         self.tissue_index = index
         sampler = TissuePackingSampler(
@@ -261,7 +262,8 @@ class TissueDataSplitter(pl.LightningDataModule):
             **kwargs,
         }
         self.drop_cell_rate = drop_cell_rate
-        data = tissue_data(adata_manager, max_cells_per_tissue)
+        self.data = tissue_data(adata_manager, max_cells_per_tissue)
+        data = self.data
         seed = (settings.seed or 0) if shuffle_set_split else 0
         self.train_idx, self.val_idx, self.test_idx = split_units(
             data.index,
@@ -282,6 +284,7 @@ class TissueDataSplitter(pl.LightningDataModule):
             shuffle=shuffle,
             drop_cell_rate=drop_cell_rate,
             epoch=epoch,
+            data=self.data,
             **self.loader_kwargs,
         )
 

@@ -599,7 +599,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """Minibatches holding every requested cell with its whole unit as context (module in eval mode)."""
         self.module.eval()
         manager = self.get_anndata_manager(adata, required=True)
-        index = tissue_data(manager, self.max_cells_per_tissue).index
+        data = tissue_data(manager, self.max_cells_per_tissue)
+        index = data.index
         units = index.units_containing(indices)
         context = np.sort(index.cells_of_units(units))
         # Large units go one per forward pass and small ones are packed: peak memory follows the
@@ -608,7 +609,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         default = inference_cells_per_batch(self.module.n_hidden)
         budget = max(batch_size or default, largest_unit)
         loader = self._make_data_loader(
-            adata=adata, indices=context, max_cells_per_batch=budget, with_measured=False
+            adata=adata, indices=context, max_cells_per_batch=budget, with_measured=False, data=data
         )
         return track(
             loader, description="CellPLM inference", disable=silent, style=settings.progress_bar_style
