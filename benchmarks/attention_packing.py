@@ -1,18 +1,20 @@
-"""Flow attention over many tissues: one tissue at a time, or all at once?
+"""The ``flow_attention`` CPU strategy over many tissues: one tissue at a time, or all at once, against the reference.
 
 Run from the repository root::
 
     python benchmarks/attention_packing.py           # default: 4,000 cells, D = 128 and 1,024 (~5 min)
     python benchmarks/attention_packing.py --quick   # smoke run, a few seconds
 
-:class:`cellplm_scvi.nn.FlowAttention` attends tissue by tissue when the mean tissue size of a
-minibatch reaches ``loop_above_cells_per_tissue`` (``loop_threshold(D)``) and otherwise for all
-tissues at once (per-tissue sums gathered to the cells' products). All at once, the last step
-contracts each tissue's ``d × d`` contexts in a loop over the tissues ("contexts"), or, below a
-mean of ``square_below_cells_per_tissue`` cells, every tissue's ``n × n`` scores in one padded
-batch ("squares"). For ``--cells`` cells cut into equal tissues of each size, this script times
-the three paths, in one process, alternating, ``--repeats`` times (medians): inference (forward
-under ``torch.inference_mode()``) and training (forward and backward).
+On a CPU, :class:`cellplm_scvi.nn.FlowAttention` hands its work to the ``flow_attention``
+strategy (:mod:`cellplm_scvi.nn.cpu`), which attends tissue by tissue when the mean tissue size
+of a minibatch reaches ``loop_threshold(D)`` and otherwise for all tissues at once (per-tissue
+sums gathered to the cells' products). All at once, the last step contracts each tissue's
+``d × d`` contexts in a loop over the tissues ("contexts"), or, below a mean of
+``SQUARE_BELOW_CELLS_PER_TISSUE`` cells, every tissue's ``n × n`` scores in one padded batch
+("squares"). For ``--cells`` cells cut into equal tissues of each size, this script times the
+three paths and the reference module (strategies off), in one process, alternating,
+``--repeats`` times (medians): inference (forward under ``torch.inference_mode()``) and training
+(forward and backward).
 
 Writes ``benchmarks/results/attention_packing.{json,md}`` (``--quick``: ``attention_packing_quick``).
 """
@@ -27,9 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 
-PATHS = {  # (loop_above_cells_per_tissue, square_below_cells_per_tissue)
+PATHS = {  # (loop threshold, square threshold); None: the reference module
+    "reference": None,
     "one by one": (0, 0),
     "contexts": (10**9, 0),
     "squares": (10**9, 10**9),
@@ -54,23 +57,31 @@ def main(argv=None) -> None:
 
     import torch
 
-    from cellplm_scvi.nn import FlowAttention
-    from cellplm_scvi.nn._attention import SQUARE_BELOW_CELLS_PER_TISSUE, loop_threshold
+    from cellplm_scvi.nn import FlowAttention, cpu
+
+    loop_threshold, square_below = cpu._attention.loop_threshold, cpu._attention.SQUARE_BELOW_CELLS_PER_TISSUE
 
     T.set_threads(args.threads)
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
     torch.manual_seed(0)
 
-    def seconds(attention, thresholds: tuple[int, int], segment_ptr, width: int, train: bool) -> float:
-        attention.loop_above_cells_per_tissue, attention.square_below_cells_per_tissue = thresholds
+    def seconds(attention, thresholds: tuple[int, int] | None, segment_ptr, width: int, train: bool) -> float:
+        loop, square = thresholds or (0, 0)
+        cpu._attention.loop_threshold = lambda n_hidden: loop
+        cpu._attention.SQUARE_BELOW_CELLS_PER_TISSUE = square
         x = torch.randn(int(segment_ptr[-1]), width)
-        start = time.perf_counter()
-        if train:
-            attention(x.requires_grad_(), segment_ptr).sum().backward()
-        else:
-            with torch.inference_mode():
-                attention(x, segment_ptr)
-        return time.perf_counter() - start
+        try:
+            with cpu.cpu_strategies(thresholds is not None):
+                start = time.perf_counter()
+                if train:
+                    attention(x.requires_grad_(), segment_ptr).sum().backward()
+                else:
+                    with torch.inference_mode():
+                        attention(x, segment_ptr)
+                return time.perf_counter() - start
+        finally:
+            cpu._attention.loop_threshold = loop_threshold
+            cpu._attention.SQUARE_BELOW_CELLS_PER_TISSUE = square_below
 
     rows = []
     for width in args.widths:
@@ -102,8 +113,8 @@ def main(argv=None) -> None:
         "wait_for_quiet": quiet,
         "cells": args.cells,
         "repeats": args.repeats,
-        "loop_above_cells_per_tissue": default,
-        "square_below_cells_per_tissue": SQUARE_BELOW_CELLS_PER_TISSUE,
+        "loop_threshold": default,
+        "square_below_cells_per_tissue": square_below,
         "rows": rows,
     }
     info = results["machine"]
@@ -111,13 +122,23 @@ def main(argv=None) -> None:
         f"Flow attention packing, {args.cells:,} cells in equal tissues, {T.machine_summary(info)}; "
         f"median of {args.repeats}. Default: one by one from "
         + ", ".join(f"{size} cells per tissue at D = {width:,}" for width, size in default.items())
-        + f"; all at once through squares below {SQUARE_BELOW_CELLS_PER_TISSUE} cells per tissue.",
-        ["D>", "cells per tissue>", "mode", "one by one ms>", "contexts ms>", "squares ms>", "fastest"],
+        + f"; all at once through squares below {square_below} cells per tissue.",
+        [
+            "D>",
+            "cells per tissue>",
+            "mode",
+            "reference ms>",
+            "one by one ms>",
+            "contexts ms>",
+            "squares ms>",
+            "fastest",
+        ],
         [
             [
                 str(r["width"]),
                 f"{r['tissue_size']:,}",
                 r["mode"],
+                f"{r['reference_ms']:.1f}",
                 f"{r['one_by_one_ms']:.1f}",
                 f"{r['contexts_ms']:.1f}",
                 f"{r['squares_ms']:.1f}",

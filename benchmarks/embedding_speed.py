@@ -67,7 +67,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 
 CONFIGS = {
     # reference overrides of the released config; our CellPLM keyword arguments
@@ -105,6 +105,32 @@ def reference_config(name: str) -> dict:
 
 
 # ------------------------------------------------------------------ preparation (parent)
+def write_data(workdir: Path, n_cells: int, n_genes: int, cells_per_tissue: int):
+    """Write the generated counts to ``workdir / "data.h5ad"``.
+
+    Gene names are the first ``n_genes`` Ensembl IDs of the reference gene list (so that the
+    original CellPLM aligns them), or ``gene0``, ... when its config file is absent.
+
+    Returns
+    -------
+    tuple
+        The AnnData, its path and a summary of the data.
+    """
+    names = T.reference_gene_list() if T.REFERENCE_CONFIG.exists() else None
+    adata = T.synthetic_counts(n_cells, n_genes, cells_per_tissue, seed=0, gene_names=names)
+    data_path = workdir / "data.h5ad"
+    adata.write_h5ad(data_path)
+    info = {
+        "n_cells": adata.n_obs,
+        "n_genes": adata.n_vars,
+        "n_tissues": int(adata.obs["batch"].nunique()),
+        "cells_per_tissue": cells_per_tissue,
+        "zero_fraction": round(1 - adata.X.nnz / (adata.n_obs * adata.n_vars), 4),
+        "mean_counts_per_cell": round(float(adata.X.sum() / adata.n_obs), 1),
+    }
+    return adata, data_path, info
+
+
 def prepare(workdir: Path, args) -> dict:
     """Write the data and the random weights of both systems to ``workdir``."""
     import torch
@@ -112,19 +138,7 @@ def prepare(workdir: Path, args) -> dict:
 
     import cellplm_scvi as cps
 
-    adata = T.synthetic_counts(
-        args.cells, args.genes, args.cells_per_tissue, seed=0, gene_names=T.reference_gene_list()
-    )
-    data_path = workdir / "data.h5ad"
-    adata.write_h5ad(data_path)
-    data_info = {
-        "n_cells": adata.n_obs,
-        "n_genes": adata.n_vars,
-        "n_tissues": int(adata.obs["batch"].nunique()),
-        "cells_per_tissue": args.cells_per_tissue,
-        "zero_fraction": round(1 - adata.X.nnz / (adata.n_obs * adata.n_vars), 4),
-        "mean_counts_per_cell": round(float(adata.X.sum() / adata.n_obs), 1),
-    }
+    adata, data_path, data_info = write_data(workdir, args.cells, args.genes, args.cells_per_tissue)
     params = {}
     for name in args.configs:
         torch.manual_seed(0)
@@ -190,6 +204,11 @@ def _reference_inputs(adata):
 
 
 def worker_forward(task: dict) -> dict:
+    """Time the model forward of one system over every tissue (see the module docstring).
+
+    ``task`` holds ``data_path``, ``config``, ``system`` (``"reference"`` or ``"ours"``),
+    ``cells_per_tissue`` and ``ours_precision``.
+    """
     import anndata as ad
     import numpy as np
     import torch
@@ -246,12 +265,19 @@ def worker_forward(task: dict) -> dict:
 
 
 def worker_end_to_end(task: dict) -> dict:
+    """Time AnnData in -> embeddings in ``obsm`` for one system, once, cold.
+
+    ``task`` holds ``data_path``, ``config``, ``system`` (``"reference"`` or ``"ours"``),
+    ``ours_precision``, and ``workdir`` with the saved weights (for the reference, and for ours
+    with ``ours_load_weights``). Returns seconds, cells/s (total and embedding only) and the peak
+    memory above the RSS after reading the data.
+    """
     import anndata as ad
     import torch
 
     adata = ad.read_h5ad(task["data_path"])
     name, system, workdir = task["config"], task["system"], task["workdir"]
-    n_latent = reference_config(name)["post_latent_dim"]
+    n_latent = CONFIGS[name]["reference"]["post_latent_dim"]
     # imports are not timed: the baseline is the process after imports and after reading the data
     if system == "reference":
         from CellPLM.pipeline.cell_embedding import CellEmbeddingPipeline
@@ -288,6 +314,7 @@ def worker_end_to_end(task: dict) -> dict:
 
 # ------------------------------------------------------------------ driver
 def summarise(runs: list[dict], key: str) -> float:
+    """Return the median of ``key`` over ``runs``."""
     return T.median([r[key] for r in runs])
 
 
@@ -332,7 +359,7 @@ def main(argv=None) -> None:
         task = json.loads(args.worker)
         T.report({"forward": worker_forward, "end_to_end": worker_end_to_end}[task["measure"]](task))
         return
-    T.set_threads(args.threads)
+    T.prepare_run(args)
     if args.quick:
         args.cells, args.cells_per_tissue, args.repeats, args.configs = 4000, 1000, 1, ["small"]
     output = args.output or ("embedding_speed_quick" if args.quick else "embedding_speed")
@@ -356,27 +383,30 @@ def main(argv=None) -> None:
         }
         for name in args.configs:
             for measure in args.measure:
-                runs = {"reference": [], "ours": []}
-                for repeat in range(args.repeats):
-                    order = ("reference", "ours") if repeat % 2 == 0 else ("ours", "reference")
-                    for system in order:
-                        task = {
-                            "measure": measure,
-                            "config": name,
-                            "system": system,
-                            "data_path": prepared["data_path"],
-                            "workdir": str(workdir),
-                            "cells_per_tissue": args.cells_per_tissue,
-                            "ours_load_weights": args.ours_load_weights,
-                            "ours_precision": args.ours_precision,
-                        }
-                        result = T.run_worker(__file__, task, env=T.ALLOCATORS[allocator])
-                        runs[system].append(result)
-                        print(
-                            f"{name:6s} {measure:10s} {system:9s} {result['cells_per_s']:9.0f} cells/s  "
-                            f"peak {result['peak_mib']:8.1f} MiB  load {result['load_1min_after']}",
-                            flush=True,
-                        )
+                task = {
+                    "measure": measure,
+                    "config": name,
+                    "data_path": prepared["data_path"],
+                    "workdir": str(workdir),
+                    "cells_per_tissue": args.cells_per_tissue,
+                    "ours_load_weights": args.ours_load_weights,
+                    "ours_precision": args.ours_precision,
+                }
+
+                def progress(system, result, name=name, measure=measure):
+                    print(
+                        f"{name:6s} {measure:10s} {system:9s} {result['cells_per_s']:9.0f} cells/s  "
+                        f"peak {result['peak_mib']:8.1f} MiB  load {result['load_1min_after']}",
+                        flush=True,
+                    )
+
+                runs = T.alternating_runs(
+                    __file__,
+                    {system: {**task, "system": system} for system in ("reference", "ours")},
+                    args.repeats,
+                    envs=dict.fromkeys(("reference", "ours"), T.ALLOCATORS[allocator]),
+                    on_result=progress,
+                )
                 results["runs"][f"{name}/{measure}"] = runs
                 summary = {}
                 for system in runs:
@@ -389,14 +419,9 @@ def main(argv=None) -> None:
                         summary[system]["embed_only_cells_per_s"] = round(
                             summarise(runs[system], "embed_only_cells_per_s"), 1
                         )
-                ratios = [
-                    o["cells_per_s"] / r["cells_per_s"]
-                    for o, r in zip(runs["ours"], runs["reference"], strict=True)
-                ]
-                summary["speed_ratio_ours_over_reference"] = round(
-                    summary["ours"]["cells_per_s"] / summary["reference"]["cells_per_s"], 2
-                )
-                summary["speed_ratio_per_repeat"] = [round(r, 2) for r in ratios]
+                speed = T.ratios(runs["ours"], runs["reference"], "cells_per_s")
+                summary["speed_ratio_ours_over_reference"] = round(speed["median_ratio"], 2)
+                summary["speed_ratio_per_repeat"] = [round(r, 2) for r in speed["per_repeat"]]
                 summary["memory_ratio_ours_over_reference"] = round(
                     summary["ours"]["peak_mib"] / max(summary["reference"]["peak_mib"], 1e-9), 3
                 )

@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 
 
 def encoder_flops(n: int, d_model: int, n_layers: int, n_heads: int) -> float:
@@ -90,7 +90,7 @@ def main(argv=None) -> None:
 
     from cellplm_scvi.nn import CellEncoder
 
-    T.set_threads(args.threads)
+    T.prepare_run(args)
     quiet = T.wait_for_quiet(args.max_load, args.max_wait)
     torch.manual_seed(0)
     encoder = CellEncoder(args.hidden, args.layers, args.heads, 0.2, "flow").eval()

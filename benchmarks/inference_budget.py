@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 from embedding_speed import CONFIGS, OURS_COMMON
 
 

@@ -35,10 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 
 
 def worker(task: dict) -> dict:
+    """Time and measure one encoder pass over one tissue (see the module docstring)."""
     import torch
 
     from cellplm_scvi.nn import CellEncoder
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     if args.worker:
         T.report(worker(json.loads(args.worker)))
         return
-    T.set_threads(args.threads)
+    T.prepare_run(args)
     if args.quick:
         args.sizes, args.hidden, args.repeats = [1000, 4000], 64, 2
     output = args.output or ("scaling_quick" if args.quick else "scaling")

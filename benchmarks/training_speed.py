@@ -59,7 +59,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _timing as T
+import _harness as T
 
 PANCREAS = T.DATA / "pancreas_endocrinogenesis_mouse" / "pancreas_endocrinogenesis_mouse.h5ad"
 
@@ -98,6 +98,11 @@ def _timer_callback():
 
 
 def worker(task: dict) -> dict:
+    """Train one system on one dataset and return its cells/s per epoch and peak memory.
+
+    ``task`` holds ``system`` (``"ours"`` or ``"scvi"``), ``data_path``, ``layer``,
+    ``batch_key``, ``epochs``, and optionally ``model_kwargs`` and ``train_kwargs`` (ours).
+    """
     import anndata as ad
     import scvi
     import torch
@@ -166,7 +171,7 @@ def memory_bound(spec: dict, n_cells: int, n_small: int = 20_000) -> dict:
         f"ours_{n_small // 1000}k_budget2000": {
             **small,
             "system": "ours",
-            "model_kwargs": {"max_cells_per_tissue": 2000},
+            "model_kwargs": {"max_cells_per_context": 2000},
             "train_kwargs": {"max_cells_per_batch": 2000},
         },
         f"scvi_{n_small // 1000}k": {**small, "system": "scvi"},
@@ -212,7 +217,7 @@ def main(argv=None) -> None:
     if args.worker:
         T.report(worker(json.loads(args.worker)))
         return
-    T.set_threads(args.threads)
+    T.prepare_run(args)
     if args.quick:
         args.cells, args.pancreas_epochs, args.synthetic_epochs, args.repeats = 5000, 2, 2, 1
         args.skip_memory_bound = True
@@ -247,17 +252,22 @@ def main(argv=None) -> None:
             "summary": {},
         }
         for name, spec in datasets.items():
-            runs = {"ours": [], "scvi": []}
-            for repeat in range(args.repeats):
-                for system in ("ours", "scvi") if repeat % 2 == 0 else ("scvi", "ours"):
-                    result = T.run_worker(__file__, {**spec, "system": system}, timeout_s=1800)
-                    runs[system].append(result)
-                    print(
-                        f"{name:9s} {system:5s} n_train {result['n_train']:6d} served {result['served_cells_per_s']:8.0f}/s "
-                        f"forward {result['forward_cells_per_s']:8.0f}/s epoch-wall {result['served_cells_per_epoch_s']:8.0f}/s "
-                        f"peak {result['peak_mib']:7.1f} MiB load {result['load_1min_after']}",
-                        flush=True,
-                    )
+
+            def progress(system, result, name=name):
+                print(
+                    f"{name:9s} {system:5s} n_train {result['n_train']:6d} served {result['served_cells_per_s']:8.0f}/s "
+                    f"forward {result['forward_cells_per_s']:8.0f}/s epoch-wall {result['served_cells_per_epoch_s']:8.0f}/s "
+                    f"peak {result['peak_mib']:7.1f} MiB load {result['load_1min_after']}",
+                    flush=True,
+                )
+
+            runs = T.alternating_runs(
+                __file__,
+                {system: {**spec, "system": system} for system in ("ours", "scvi")},
+                args.repeats,
+                timeout_s=1800,
+                on_result=progress,
+            )
             results["runs"][name] = runs
             summary = {}
             for system, rs in runs.items():
@@ -282,8 +292,7 @@ def main(argv=None) -> None:
                 summary["ours"]["served_cells_per_epoch_s"] / summary["scvi"]["served_cells_per_epoch_s"], 2
             )
             summary["served_ratio_per_repeat"] = [
-                round(o["served_cells_per_s"] / r["served_cells_per_s"], 2)
-                for o, r in zip(runs["ours"], runs["scvi"], strict=True)
+                round(r, 2) for r in T.ratios(runs["ours"], runs["scvi"], "served_cells_per_s")["per_repeat"]
             ]
             results["summary"][name] = summary
 

@@ -133,18 +133,37 @@ def test_unreadable_input_file(capsys, tmp_path):
         (
             "--fov-key",
             "slide",
-            ["obs column 'slide' (fov_key)", "obs columns: fov, sample, cell_type, niche"],
+            [
+                "tissue.h5ad: fov_key='slide' is not a column of adata.obs",
+                "['fov', 'sample', 'cell_type', 'niche']",
+            ],
         ),
-        ("--batch-key", "donor", ["obs column 'donor' (batch_key)"]),
-        ("--labels-key", "celltype", ["obs column 'celltype' (labels_key)"]),
-        ("--spatial-key", "X_spatial", ["obsm key 'X_spatial' (spatial_key)", "obsm keys: spatial"]),
-        ("--layer", "raw_counts", ["layer 'raw_counts'", "layers: counts"]),
+        ("--batch-key", "donor", ["batch_key='donor' is not a column of adata.obs"]),
+        ("--labels-key", "celltype", ["labels_key='celltype' is not a column of adata.obs"]),
+        (
+            "--spatial-key",
+            "X_spatial",
+            ["spatial_key='X_spatial' is not in adata.obsm", "available: ['spatial']"],
+        ),
+        ("--layer", "raw_counts", ["layer='raw_counts' is not in adata.layers", "available: ['counts']"]),
     ],
 )
 def test_train_missing_key(capsys, tmp_path, small_h5ad, option, value, fragments):
     model_dir = tmp_path / "model"
     assert cli.main(["train", str(small_h5ad), "--model-dir", str(model_dir), option, value]) == 2
     _assert_one_line_error(capsys, *fragments)
+    assert not model_dir.exists()
+
+
+def test_train_label_column_with_missing_values(capsys, tmp_path, small_h5ad):
+    adata = ad.read_h5ad(small_h5ad)
+    adata.obs["annotation"] = adata.obs["cell_type"].astype(object)
+    adata.obs.iloc[0, adata.obs.columns.get_loc("annotation")] = None
+    path = tmp_path / "partly_annotated.h5ad"
+    adata.write_h5ad(path)
+    model_dir = tmp_path / "model"
+    assert cli.main(["train", str(path), "--model-dir", str(model_dir), "--labels-key", "annotation"]) == 2
+    _assert_one_line_error(capsys, "partly_annotated.h5ad: labels_key='annotation' has 1 missing values")
     assert not model_dir.exists()
 
 
@@ -216,7 +235,7 @@ def test_embed_input_missing_a_registered_key(capsys, tmp_path, small_h5ad, trai
     adata.write_h5ad(stripped)
     out = tmp_path / "out.h5ad"
     assert cli.main(["embed", "--model-dir", str(trained_dir), str(stripped), "--out", str(out)]) == 2
-    _assert_one_line_error(capsys, "obs column 'fov' (fov_key)", "no_fov.h5ad")
+    _assert_one_line_error(capsys, "no_fov.h5ad: fov_key='fov' is not a column of adata.obs")
     assert not out.exists()
 
 
@@ -311,37 +330,6 @@ def test_failed_write_leaves_the_target_untouched(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.h5ad"]
 
 
-# ------------------------------------------------------------------------------------ clustering
-
-
-def test_matched_resolution_prefers_the_closest_count_then_the_lower_resolution():
-    def clusters(k):
-        return np.arange(12) % k
-
-    sweep = [(0.1, clusters(2)), (0.2, clusters(4)), (0.3, clusters(6)), (0.4, clusters(7))]
-    assert cli._matched_resolution(sweep, 4)[0] == 0.2
-    assert cli._matched_resolution(sweep, 5)[0] == 0.2  # 4 and 6 tie: the lower resolution wins
-    assert cli._matched_resolution(sweep, 9)[0] == 0.4
-    assert cli._matched_resolution(list(reversed(sweep)), 5)[0] == 0.2
-
-
-def test_leiden_sweep_and_scores_on_separated_blobs():
-    import pandas as pd
-
-    rng = np.random.default_rng(0)
-    centres = np.array([[0, 0], [20, 0], [0, 20], [20, 20]], dtype=float)
-    labels = np.repeat(np.arange(4), 50)
-    adata = ad.AnnData(np.zeros((200, 1), dtype=np.float32))
-    adata.obsm["emb"] = centres[labels] + rng.normal(size=(200, 2))
-    sweep = cli._leiden_sweep(adata, "emb", seed=0)
-    assert [r for r, _ in sweep] == [round(0.1 * i, 1) for i in range(1, 16)]
-    score = cli._score_sweep(sweep, pd.Series(labels.astype(str)))
-    assert score["n_labels"] == 4
-    assert score["n_clusters"] == 4
-    assert score["ari"] == pytest.approx(1.0)
-    assert score["nmi"] == pytest.approx(1.0)
-
-
 # ------------------------------------------------------------------------------------------ demo
 
 
@@ -365,6 +353,8 @@ def test_demo_end_to_end(capsys, tmp_path):
             for source in (entry["labels"][key], entry["baseline_pca"][key]):
                 assert -0.5 <= source["ari"] <= 1 and 0 <= source["nmi"] <= 1
                 assert source["resolution"] in [round(0.1 * i, 1) for i in range(1, 16)]
+                assert source["ari_best_over_resolutions"] >= source["ari"]
+                assert -1 <= source["silhouette"] <= 1
         # the PCA baseline recovers the simulated / annotated cell types reasonably
         assert entry["baseline_pca"][label_keys[0]]["ari"] > 0.3
 

@@ -34,7 +34,7 @@ def _tiles_are_separable(coords, tiles):
 
 def test_small_tissues_are_single_units():
     codes = np.array([0, 1, 0, 1, 2])
-    index = build_tissue_index(codes, _names(5), None, max_cells_per_tissue=10)
+    index = build_tissue_index(codes, _names(5), None, max_cells_per_context=10)
     assert index.n_units == 3
     assert [index.unit(u).tolist() for u in range(3)] == [[0, 2], [1, 3], [4]]
     np.testing.assert_array_equal(index.unit_tissue, [0, 1, 2])
@@ -43,7 +43,7 @@ def test_small_tissues_are_single_units():
 def test_large_spatial_tissue_is_tiled_contiguously():
     rng = np.random.default_rng(1)
     coords = rng.uniform(0, 100, size=(1000, 2))
-    index = build_tissue_index(np.zeros(1000, int), _names(1000), coords, max_cells_per_tissue=130)
+    index = build_tissue_index(np.zeros(1000, int), _names(1000), coords, max_cells_per_context=130)
     sizes = index.unit_sizes
     assert sizes.max() <= 130 and sizes.sum() == 1000
     assert index.n_units == -(-1000 // 130)
@@ -61,9 +61,9 @@ def test_coordinates_normalised_per_tissue_keep_aspect_ratio():
 
 def test_chunks_do_not_depend_on_row_order():
     names = _names(500)
-    index = build_tissue_index(np.zeros(500, int), names, None, max_cells_per_tissue=120)
+    index = build_tissue_index(np.zeros(500, int), names, None, max_cells_per_context=120)
     perm = np.random.default_rng(0).permutation(500)
-    permuted = build_tissue_index(np.zeros(500, int), names[perm], None, max_cells_per_tissue=120)
+    permuted = build_tissue_index(np.zeros(500, int), names[perm], None, max_cells_per_context=120)
     as_names = lambda idx, nm: sorted(tuple(sorted(nm[idx.unit(u)])) for u in range(idx.n_units))
     assert as_names(index, names) == as_names(permuted, names[perm])
     assert index.unit_sizes.max() <= 120
@@ -251,9 +251,9 @@ def test_csr_parts_are_the_rows_in_minibatch_dtypes_and_never_share_the_input(ro
 def test_measured_genes_are_the_genes_seen_in_each_batch(layout, monkeypatch):
     import scipy.sparse as sp
 
-    from cellplm_scvi.data import _collate, measured_genes
+    from cellplm_scvi.data import _token_sets, measured_genes
 
-    monkeypatch.setattr(_collate, "VALUES_PER_PASS", 13)  # a batch's entries read in many stretches
+    monkeypatch.setattr(_token_sets, "VALUES_PER_PASS", 13)  # a batch's entries read in many stretches
 
     rng = np.random.default_rng(1)
     codes = np.repeat(np.arange(4), 50)

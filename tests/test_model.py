@@ -28,7 +28,9 @@ def setup(adata, spatial=True):
 
 def fit(adata, epochs=2, seed=0, **kwargs):
     scvi.settings.seed = seed
-    model = CellPLM(adata, max_cells_per_tissue=kwargs.pop("max_cells_per_tissue", 30), **{**SMALL, **kwargs})
+    model = CellPLM(
+        adata, max_cells_per_context=kwargs.pop("max_cells_per_context", 30), **{**SMALL, **kwargs}
+    )
     model.train(max_epochs=epochs, max_cells_per_batch=90, accelerator="cpu", enable_progress_bar=False)
     return model
 
@@ -64,7 +66,7 @@ def test_split_is_by_tissue(trained):
     tissue = adata.obs["sample"].astype(str) + "/" + adata.obs["fov"].astype(str)
     assert (
         set(tissue.iloc[model.train_indices]).isdisjoint(tissue.iloc[model.validation_indices])
-        or model.max_cells_per_tissue < tissue.value_counts().max()
+        or model.max_cells_per_context < tissue.value_counts().max()
     )
     assert len(model.train_indices) + len(model.validation_indices) == adata.n_obs
 
@@ -72,7 +74,7 @@ def test_split_is_by_tissue(trained):
 def test_every_training_cell_once_per_epoch(trained):
     model, adata = trained
     splitter = CellPLM._data_splitter_cls(
-        model.adata_manager, max_cells_per_batch=90, max_cells_per_tissue=30
+        model.adata_manager, max_cells_per_batch=90, max_cells_per_context=30
     )
     loader = splitter.train_dataloader()
     for epoch in range(3):
@@ -93,7 +95,7 @@ def test_latents_repeatable_and_independent_of_batch_size_and_indices(trained):
 
 
 def test_embedding_never_reads_the_measured_genes(monkeypatch):
-    from cellplm_scvi.data import _collate, measured_genes, tissue_data
+    from cellplm_scvi.data import _token_sets, measured_genes, tissue_data
 
     reads = []
 
@@ -101,10 +103,10 @@ def test_embedding_never_reads_the_measured_genes(monkeypatch):
         reads.append(1)
         return measured_genes(*args, **kwargs)
 
-    monkeypatch.setattr(_collate, "measured_genes", counted)
+    monkeypatch.setattr(_token_sets, "measured_genes", counted)
     adata = make_tissues(n_cells=120)
     setup(adata)
-    model = CellPLM(adata, max_cells_per_tissue=30, **SMALL)
+    model = CellPLM(adata, max_cells_per_context=30, **SMALL)
     batches = list(model._context_batches(adata, np.arange(adata.n_obs), None))
     assert batches and all(BATCH_KEYS.MEASURED not in b and BATCH_KEYS.MEASURED_ROW not in b for b in batches)
     model.is_trained_ = True
@@ -217,7 +219,7 @@ def test_save_load_roundtrip(trained, tmp_path):
     model.save(tmp_path / "m", overwrite=True, save_anndata=False)
     loaded = CellPLM.load(tmp_path / "m", adata=adata)
     np.testing.assert_array_equal(loaded.get_latent_representation(), model.get_latent_representation())
-    assert loaded.max_cells_per_tissue == 30
+    assert loaded.max_cells_per_context == 30
     without = CellPLM.load(tmp_path / "m", adata=False)
     fresh = adata.copy()
     np.testing.assert_allclose(
@@ -262,8 +264,8 @@ def test_bad_train_and_query_arguments(trained):
         model.get_latent_representation(indices=[adata.n_obs])
     with pytest.raises(ValueError, match="Unknown preset"):
         CellPLM(fresh, preset="huge")
-    with pytest.raises(ValueError, match="max_cells_per_tissue must be a positive"):
-        CellPLM(fresh, max_cells_per_tissue=0)
+    with pytest.raises(ValueError, match="max_cells_per_context must be a positive"):
+        CellPLM(fresh, max_cells_per_context=0)
 
 
 def test_preset_reproduces_the_released_sizes():
@@ -297,7 +299,7 @@ def test_mudata_setup_trains_and_embeds():
 def test_early_stopping_and_load_without_data(tmp_path):
     adata = make_tissues(n_cells=120)
     setup(adata)
-    model = CellPLM(adata, max_cells_per_tissue=30, **SMALL)
+    model = CellPLM(adata, max_cells_per_context=30, **SMALL)
     model.train(
         max_epochs=60,
         max_cells_per_batch=60,

@@ -33,7 +33,7 @@ def saved(tmp_path_factory):
     """A trained model saved to a folder, its data (written to an .h5ad too) and its latents."""
     adata = make_tissues(n_cells=120)
     CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
-    model = CellPLM(adata, max_cells_per_tissue=50, **TINY_MODEL)
+    model = CellPLM(adata, max_cells_per_context=50, **TINY_MODEL)
     model.train(max_epochs=1, **TRAIN)
     folder = tmp_path_factory.mktemp("saved") / "model"
     model.save(folder)
@@ -46,7 +46,9 @@ def test_a_folder_saved_by_release_0_1_0_loads_with_the_same_latents():
     adata = make_tissues(n_cells=120)
     model = CellPLM.load(SAVED_0_1_0, adata=adata)
     # float rounding only: the CPU kernels changed since 0.1.0, the weights and the maths did not
-    np.testing.assert_allclose(model.get_latent_representation(), np.load(SAVED_0_1_0 / "latent.npy"), atol=1e-5)
+    np.testing.assert_allclose(
+        model.get_latent_representation(), np.load(SAVED_0_1_0 / "latent.npy"), atol=1e-5
+    )
     assert CellPLM.load_registry(SAVED_0_1_0)["setup_args"]["labels_key"] == "cell_type"
 
 
@@ -130,7 +132,7 @@ def test_a_training_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path
     torch.save({"state_dict": WritesMarker(marker)}, tmp_path / "last.ckpt")
     adata = make_tissues(n_cells=120)
     CellPLM.setup_anndata(adata, layer="counts", batch_key="sample")
-    model = CellPLM(adata, max_cells_per_tissue=50, **TINY_MODEL)
+    model = CellPLM(adata, max_cells_per_context=50, **TINY_MODEL)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         model.train(max_epochs=1, ckpt_path=str(tmp_path / "last.ckpt"), **TRAIN)
     assert not marker.exists()

@@ -143,6 +143,6 @@ def test_spatial_notebook_runs_and_scores_clusters(kernel, tmp_path, monkeypatch
     for row in metrics["cosmx"]["clusters"].values():
         assert 0.0 <= row["chance"] <= row["spatial_coherence"] <= 1.0
     scores = metrics["osmfish"]["scores"]
-    assert set(scores) == {"CellPLM, PE on", "CellPLM, PE off", "PCA baseline"}
+    assert set(scores) == {"CellPLM, PE on", "CellPLM, PE off", "PCA baseline", "PCA + spatial neighbourhood"}
     for row in scores.values():
         assert 0.0 < row["cell type: NMI"] <= 1.0 and 0.0 < row["region: NMI"] <= 1.0

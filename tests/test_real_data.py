@@ -41,7 +41,7 @@ def test_validation_elbo_decreases_on_pancreas_and_user_data_is_untouched():
     before = _snapshot(adata)
     scvi.settings.seed = 0
     CellPLM.setup_anndata(adata, layer="counts")
-    model = CellPLM(adata, max_cells_per_tissue=1000, **SMALL)
+    model = CellPLM(adata, max_cells_per_context=1000, **SMALL)
     model.train(max_epochs=6, max_cells_per_batch=1000, accelerator="cpu", enable_progress_bar=False)
     elbo = model.history["elbo_validation"]["elbo_validation"].to_numpy()
     assert len(elbo) == 6
@@ -70,7 +70,7 @@ def test_spatial_training_on_osmfish_with_and_without_positions():
     CellPLM.setup_anndata(adata, layer="counts", spatial_key="spatial")
     latents = {}
     for use_pe in (True, False):
-        model = CellPLM(adata, use_positional_encoding=use_pe, max_cells_per_tissue=1500, **SMALL)
+        model = CellPLM(adata, use_positional_encoding=use_pe, max_cells_per_context=1500, **SMALL)
         model.train(max_epochs=2, max_cells_per_batch=1500, accelerator="cpu", enable_progress_bar=False)
         latents[use_pe] = model.get_latent_representation()
         assert model.history["elbo_validation"].shape[0] == 2

@@ -28,7 +28,7 @@ def model():
     scvi.settings.seed = 0
     adata = make_tissues(n_cells=180)
     CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
-    return CellPLM(adata, max_cells_per_tissue=30, **SMALL)
+    return CellPLM(adata, max_cells_per_context=30, **SMALL)
 
 
 def test_non_finite_loss_stops_with_epoch_and_step(model):

@@ -22,7 +22,7 @@ TOL = {"atol": 1e-5, "rtol": 1e-4}
 
 def train_small(adata, epochs=1, **setup):
     CellPLM.setup_anndata(adata, **setup)
-    model = CellPLM(adata, max_cells_per_tissue=50, **SMALL)
+    model = CellPLM(adata, max_cells_per_context=50, **SMALL)
     model.train(max_epochs=epochs, **TRAIN)
     return model
 
@@ -196,7 +196,7 @@ SCRIPT = textwrap.dedent(
     scvi.settings.seed = 3
     adata = make_tissues(n_cells=120)
     CellPLM.setup_anndata(adata, layer="counts", batch_key="sample", fov_key="fov", spatial_key="spatial")
-    model = CellPLM(adata, max_cells_per_tissue=50, n_hidden=16, n_layers=1, n_heads=2, n_latent=4, n_components=3,
+    model = CellPLM(adata, max_cells_per_context=50, n_hidden=16, n_layers=1, n_heads=2, n_latent=4, n_components=3,
                     n_decoder_hidden=16)
     model.train(max_epochs=2, max_cells_per_batch=100, accelerator="cpu", enable_progress_bar=False)
     np.save(sys.argv[1], model.get_latent_representation())

@@ -4,7 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import rich.pretty
 
-from . import data, datasets, nn, pretrained
+from . import data, datasets, evaluation, nn, pretrained
 from .model import PRESETS, CellPLM
 from .module import CellPLMModule
 
@@ -13,4 +13,4 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["PRESETS", "CellPLM", "CellPLMModule", "data", "datasets", "nn", "pretrained"]
+__all__ = ["PRESETS", "CellPLM", "CellPLMModule", "data", "datasets", "evaluation", "nn", "pretrained"]

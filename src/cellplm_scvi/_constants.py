@@ -13,7 +13,7 @@ class _RegistryKeys(NamedTuple):
 
 
 class _BatchKeys(NamedTuple):
-    """Keys of one packed minibatch (a *token set*), as produced by :class:`~cellplm_scvi.data.TokenSetCollator`.
+    """Keys of one packed minibatch (a *token set*), as served by :class:`~cellplm_scvi.data.TokenSetDataset`.
 
     ``N`` is the number of cells in the minibatch, ``G`` the number of genes, ``T`` the number of
     packed tissues (segments) and ``B`` the number of distinct batches in the minibatch.

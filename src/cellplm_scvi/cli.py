@@ -21,7 +21,6 @@ import numpy as np
 
 PROG = "cellplm-scvi"
 USAGE_ERROR = 2
-_RESOLUTIONS = tuple(round(0.1 * i, 1) for i in range(1, 16))  # 0.1, 0.2, ..., 1.5
 _DEMO_EPOCHS = 30
 _SCVI_UNS_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 
@@ -366,20 +365,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ]
     start = time.perf_counter()
     report = {"epochs": args.epochs, "seed": args.seed, "package_version": _version(), "datasets": {}}
+    tables = {}
     for name, load, setup, label_keys in jobs:
         _step(f"[{name}] loading the data")
         adata = load()
-        report["datasets"][name] = _demo_one(cps, name, adata, setup, label_keys, args)
+        report["datasets"][name], tables[name] = _demo_one(cps, name, adata, setup, label_keys, args)
     report["total_seconds"] = round(time.perf_counter() - start, 2)
     metrics_path = args.out / "metrics.json"
     metrics_path.write_text(json.dumps(report, indent=2) + "\n")
     _step(f"wrote {metrics_path} ({report['total_seconds']:.0f} s in all)")
-    _print_summary(report)
+    _print_summary(tables)
     return 0
 
 
-def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: argparse.Namespace) -> dict:
-    """Train, embed, cluster, score, plot and save for one dataset; return its metrics."""
+def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: argparse.Namespace):
+    """Train, embed, cluster, score, plot and save for one dataset.
+
+    Returns its metrics (a JSON-ready dict) and the score table of
+    :func:`~cellplm_scvi.evaluation.score_embeddings`.
+    """
     _seed(args.seed)
     model = _build_model(cps, adata, setup, preset=None)
     _step(f"[{name}] training {adata.n_obs} cells x {adata.n_vars} genes for {args.epochs} epochs")
@@ -391,132 +395,73 @@ def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: a
     embed_seconds = time.perf_counter() - start
     _step(f"[{name}] trained in {train_seconds:.1f} s, embedded in {embed_seconds:.2f} s; clustering")
 
-    sweep = _leiden_sweep(adata, "X_cellplm", args.seed)
-    scores = {key: _score_sweep(sweep, adata.obs[key]) for key in label_keys}
-    primary = adata.obs[label_keys[0]]
-    adata.obs["cellplm_cluster"] = _as_categorical(_matched_resolution(sweep, primary.nunique())[1])
+    from cellplm_scvi import evaluation
+
+    embeddings = {"cellplm": adata.obsm["X_cellplm"], "pca": _pca_baseline(adata, setup, args.seed)}
+    scores = evaluation.score_embeddings(embeddings, adata.obs, label_keys, seed=args.seed)
+    primary = label_keys[0]
+    sweep = evaluation.leiden_sweep(adata, "X_cellplm", seed=args.seed)
+    matched = evaluation.matched_resolution(sweep, adata.obs[primary].nunique())
+    adata.obs["cellplm_cluster"] = _as_categorical(sweep[matched])
     metrics = {
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
         "train_seconds": round(train_seconds, 2),
         "embed_seconds": round(embed_seconds, 2),
         "latent_kind": str(model.module.latent_kind),
-        "labels": scores,
-        "cellplm_cluster_matched_to": label_keys[0],
-        "baseline_pca": _pca_baseline(adata, setup, label_keys, args.seed),
+        "labels": _scores_by_label(scores, "cellplm"),
+        "cellplm_cluster_matched_to": primary,
+        "baseline_pca": _scores_by_label(scores, "pca"),
     }
     if model.module.latent_kind == "gmm":
         metrics["gmm_clusters"] = _score_assignments(model.get_cluster_assignments(), adata.obs, label_keys)
 
     import scanpy as sc
 
+    sc.pp.neighbors(adata, n_neighbors=15, use_rep="X_cellplm", random_state=args.seed)
     sc.tl.umap(adata, random_state=args.seed)
     _plot_umap(adata, [*label_keys, "cellplm_cluster"], args.out / f"{name}_umap.png")
     _write_h5ad_atomic(adata, args.out / f"{name}.h5ad")
     model.save(str(args.out / f"{name}_model"), overwrite=True)
     _step(f"[{name}] wrote {name}.h5ad, {name}_umap.png and {name}_model/")
-    return metrics
+    return metrics, scores
 
 
-def _leiden_sweep(adata, use_rep: str, seed: int = 0) -> list[tuple[float, np.ndarray]]:
-    """Leiden clusters of an embedding at resolutions 0.1, 0.2, ..., 1.5.
+def _pca_baseline(adata, setup: dict, seed: int) -> np.ndarray:
+    """The protocol's PCA baseline of the demo data's raw counts, ``(n_obs, n_pcs)``."""
+    from cellplm_scvi import evaluation
 
-    Builds the 15-nearest-neighbour graph of ``adata.obsm[use_rep]`` (stored in ``adata.obsp``)
-    and runs Leiden (igraph flavour, 2 iterations) at each resolution.
-
-    Parameters
-    ----------
-    adata
-        AnnData with the embedding in ``obsm[use_rep]``, shape ``(n_obs, d)``.
-    use_rep
-        The ``obsm`` key of the embedding.
-    seed
-        Random state of the neighbour graph and of Leiden.
-
-    Returns
-    -------
-    list of tuple
-        ``(resolution, clusters)`` pairs in increasing resolution; ``clusters`` is ``(n_obs,)`` int.
-    """
-    import scanpy as sc
-
-    sc.pp.neighbors(adata, n_neighbors=15, use_rep=use_rep, random_state=seed)
-    sweep = []
-    for resolution in _RESOLUTIONS:
-        sc.tl.leiden(
-            adata,
-            resolution=resolution,
-            flavor="igraph",
-            n_iterations=2,
-            directed=False,
-            random_state=seed,
-            key_added="_leiden_tmp",
-        )
-        sweep.append((resolution, adata.obs.pop("_leiden_tmp").cat.codes.to_numpy().astype(np.int64)))
-    adata.uns.pop("_leiden_tmp", None)
-    return sweep
+    return evaluation.pca_embedding(adata, layer=setup.get("layer"), seed=seed)
 
 
-def _matched_resolution(sweep: list[tuple[float, np.ndarray]], n_labels: int) -> tuple[float, np.ndarray]:
-    """The entry of ``sweep`` whose cluster count is closest to ``n_labels``; ties go to the lower resolution.
-
-    Parameters
-    ----------
-    sweep
-        ``(resolution, clusters)`` pairs, as returned by :func:`_leiden_sweep`.
-    n_labels
-        The number of true labels to match.
-
-    Returns
-    -------
-    tuple
-        ``(resolution, clusters)`` of the chosen entry.
-    """
-    ordered = sorted(sweep, key=lambda entry: entry[0])
-    return min(ordered, key=lambda entry: abs(np.unique(entry[1]).size - n_labels))
-
-
-def _score_sweep(sweep: list[tuple[float, np.ndarray]], labels) -> dict:
-    """ARI/NMI of the matched-resolution clustering against ``labels`` (``(n_obs,)``)."""
-    n_labels = int(labels.nunique())
-    resolution, clusters = _matched_resolution(sweep, n_labels)
+def _scores_by_label(scores, method: str) -> dict:
+    """``{label_key: scores}`` of one method of an :func:`~cellplm_scvi.evaluation.score_embeddings` table."""
+    rows = scores[scores["method"] == method]
     return {
-        "n_labels": n_labels,
-        "resolution": resolution,
-        "n_clusters": int(np.unique(clusters).size),
-        **_ari_nmi(labels, clusters),
-    }
-
-
-def _ari_nmi(labels, clusters) -> dict:
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    labels = np.asarray(labels)
-    return {
-        "ari": round(float(adjusted_rand_score(labels, clusters)), 4),
-        "nmi": round(float(normalized_mutual_info_score(labels, clusters)), 4),
+        row.label_key: {
+            "n_labels": int(row.n_labels),
+            "resolution": float(row.matched_resolution),
+            "n_clusters": int(row.n_clusters_matched),
+            "ari": round(float(row.ari_matched), 4),
+            "nmi": round(float(row.nmi_matched), 4),
+            "ari_best_over_resolutions": round(float(row.ari_best_over_resolutions), 4),
+            "nmi_best_over_resolutions": round(float(row.nmi_best_over_resolutions), 4),
+            "silhouette": round(float(row.silhouette), 4),
+        }
+        for row in rows.itertuples()
     }
 
 
 def _score_assignments(assignments, obs, label_keys: list[str]) -> dict:
+    """ARI/NMI of fixed cluster assignments (the Gaussian-mixture components) against each label key."""
+    from cellplm_scvi import evaluation
+
     assignments = np.asarray(assignments)
     scores = {"n_clusters": int(np.unique(assignments).size)}
     for key in label_keys:
-        scores[key] = _ari_nmi(obs[key], assignments)
+        pair = evaluation.clustering_scores(obs[key], assignments)
+        scores[key] = {name: round(value, 4) for name, value in pair.items()}
     return scores
-
-
-def _pca_baseline(adata, setup: dict, label_keys: list[str], seed: int) -> dict:
-    """ARI/NMI of the same Leiden protocol on PCA (normalize_total, log1p, up to 50 PCs)."""
-    import scanpy as sc
-
-    counts = adata.layers[setup["layer"]] if setup.get("layer") else adata.X
-    scratch = sc.AnnData(counts.copy(), obs=adata.obs[label_keys].copy())
-    sc.pp.normalize_total(scratch, target_sum=1e4)
-    sc.pp.log1p(scratch)
-    sc.pp.pca(scratch, n_comps=min(50, scratch.n_vars - 1, scratch.n_obs - 1), random_state=seed)
-    sweep = _leiden_sweep(scratch, "X_pca", seed)
-    return {key: _score_sweep(sweep, scratch.obs[key]) for key in label_keys}
 
 
 def _plot_umap(adata, colors: list[str], path: Path) -> None:
@@ -528,15 +473,30 @@ def _plot_umap(adata, colors: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _print_summary(report: dict) -> None:
-    for name, metrics in report["datasets"].items():
-        for key, score in metrics["labels"].items():
-            base = metrics["baseline_pca"][key]
-            print(
-                f"{name:>15} {key:>12}: ARI {score['ari']:.3f} NMI {score['nmi']:.3f} "
-                f"(PCA ARI {base['ari']:.3f} NMI {base['nmi']:.3f}), "
-                f"{score['n_clusters']} clusters at resolution {score['resolution']}"
-            )
+_SUMMARY_COLUMNS = {
+    "method": "method",
+    "label_key": "labels",
+    "n_labels": "n labels",
+    "matched_resolution": "resolution",
+    "n_clusters_matched": "n clusters",
+    "ari_matched": "ARI",
+    "nmi_matched": "NMI",
+    "ari_best_over_resolutions": "ARI (best res.)",
+    "nmi_best_over_resolutions": "NMI (best res.)",
+    "silhouette": "silhouette",
+}
+
+
+def _print_summary(tables: dict) -> None:
+    """Print the score tables; ARI and NMI are at the matched resolution unless labelled otherwise."""
+    import pandas as pd
+
+    table = pd.concat(tables, names=["dataset", None]).reset_index(level=0)
+    table = table.rename(columns=_SUMMARY_COLUMNS)
+    print("ARI / NMI at the resolution matched to the number of labels, and the best over resolutions:")
+    print(
+        table.to_string(index=False, float_format="{:.3f}".format, formatters={"resolution": "{:.1f}".format})
+    )
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -560,26 +520,19 @@ def _read_h5ad(path: Path):
 
 
 def _check_setup_keys(adata, setup: dict, source: str) -> None:
-    """Check that every key named in ``setup`` exists in ``adata`` before a model is built."""
-    layer = setup.get("layer")
-    if layer is not None and layer not in adata.layers:
-        raise CLIError(f"layer {layer!r} is not in {source}; layers: {_listing(adata.layers.keys())}")
-    for name in ("batch_key", "fov_key", "labels_key"):
-        key = setup.get(name)
-        if key is not None and key not in adata.obs:
-            raise CLIError(
-                f"obs column {key!r} ({name}) is not in {source}; obs columns: {_listing(adata.obs.columns)}"
-            )
-    key = setup.get("spatial_key")
-    if key is not None and key not in adata.obsm:
-        raise CLIError(
-            f"obsm key {key!r} (spatial_key) is not in {source}; obsm keys: {_listing(adata.obsm.keys())}"
-        )
+    """Check the keys named in ``setup`` with the model's own checks, before a model is built.
 
+    A failed check becomes a :class:`CLIError` that names ``source``.
+    """
+    from cellplm_scvi.model._validation import check_layer, check_obs_key, check_spatial
 
-def _listing(keys) -> str:
-    keys = [str(k) for k in keys]
-    return ", ".join(keys) if keys else "(none)"
+    try:
+        check_layer(adata, setup.get("layer"))
+        for name in ("batch_key", "fov_key", "labels_key"):
+            check_obs_key(adata, setup.get(name), name)
+        check_spatial(adata, setup.get("spatial_key"))
+    except (KeyError, ValueError) as err:
+        raise CLIError(f"{source}: {_message(err)}") from None
 
 
 def _as_categorical(codes):

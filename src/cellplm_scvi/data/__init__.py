@@ -1,9 +1,8 @@
-"""Data pipeline: tissue index, packing sampler, token-set collation, loaders and splitter."""
+"""Data pipeline: tissue index, packing sampler, token sets, loaders and splitter."""
 
-from ._collate import TissueData, TokenSetDataset, csr_parts, measured_genes, read_rows
 from ._loaders import (
     DEFAULT_MAX_CELLS_PER_BATCH,
-    DEFAULT_MAX_CELLS_PER_TISSUE,
+    DEFAULT_MAX_CELLS_PER_CONTEXT,
     TissueDataLoader,
     TissueDataSplitter,
     split_units,
@@ -11,10 +10,9 @@ from ._loaders import (
 )
 from ._sampler import TissuePackingSampler, pack_units, shard_units
 from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
+from ._token_sets import TissueData, TokenSetDataset, csr_parts, measured_genes, read_rows
 
 __all__ = [
-    "DEFAULT_MAX_CELLS_PER_BATCH",
-    "DEFAULT_MAX_CELLS_PER_TISSUE",
     "TissueData",
     "TissueDataLoader",
     "TissueDataSplitter",

@@ -13,13 +13,13 @@ from torch.utils.data import DataLoader
 
 from cellplm_scvi._constants import CELLPLM_REGISTRY_KEYS
 
-from ._collate import TissueData, TokenSetDataset
 from ._sampler import TissuePackingSampler
 from ._tissues import TissueIndex, build_tissue_index, random_chunks, spatial_tiles, stable_cell_keys
+from ._token_sets import TissueData, TokenSetDataset
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_CELLS_PER_TISSUE = 4000
+DEFAULT_MAX_CELLS_PER_CONTEXT = 4000
 DEFAULT_MAX_CELLS_PER_BATCH = 4000
 
 
@@ -27,7 +27,7 @@ def _codes(adata_manager: AnnDataManager, key: str) -> np.ndarray:
     return np.asarray(adata_manager.get_from_registry(key)).reshape(-1).astype(np.int64)
 
 
-def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: int = 0) -> TissueData:
+def tissue_data(adata_manager: AnnDataManager, max_cells_per_context: int, seed: int = 0) -> TissueData:
     """Read what the pipeline needs from a registered AnnData: counts, batches, coordinates and the tissue index.
 
     A tissue is one (batch, fov) pair. Reading takes about 1 % of an embedding pass over the
@@ -58,7 +58,7 @@ def tissue_data(adata_manager: AnnDataManager, max_cells_per_tissue: int, seed: 
         batch_codes=batch,
         coords=coords,
         index=build_tissue_index(
-            tissue, adata_manager.adata.obs_names.to_numpy(), coords, max_cells_per_tissue, seed
+            tissue, adata_manager.adata.obs_names.to_numpy(), coords, max_cells_per_context, seed
         ),
         n_batch=adata_manager.summary_stats.n_batch,
     )
@@ -83,7 +83,7 @@ class TissueDataLoader(DataLoader):
         Shuffle units every epoch.
     max_cells_per_batch
         Cell budget of a minibatch.
-    max_cells_per_tissue
+    max_cells_per_context
         Context limit (largest unit).
     drop_cell_rate
         Training-time context dropout (see :class:`~cellplm_scvi.data.TokenSetDataset`).
@@ -107,7 +107,7 @@ class TissueDataLoader(DataLoader):
         shuffle: bool = False,
         batch_size: int | None = None,
         max_cells_per_batch: int | None = None,
-        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        max_cells_per_context: int = DEFAULT_MAX_CELLS_PER_CONTEXT,
         drop_cell_rate: float = 0.0,
         with_measured: bool = True,
         epoch: int = 0,
@@ -127,7 +127,7 @@ class TissueDataLoader(DataLoader):
             kwargs.pop("persistent_workers", None)
         budget = max_cells_per_batch or batch_size or DEFAULT_MAX_CELLS_PER_BATCH
         if data is None:
-            data = tissue_data(adata_manager, max_cells_per_tissue)
+            data = tissue_data(adata_manager, max_cells_per_context)
         index = data.index if indices is None else data.index.restrict(np.asarray(indices))
         self.tissue_index = index
         sampler = TissuePackingSampler(
@@ -222,7 +222,7 @@ class TissueDataSplitter(pl.LightningDataModule):
         Randomise which units go to which split (seeded by ``scvi.settings.seed``).
     max_cells_per_batch
         Cell budget of a minibatch.
-    max_cells_per_tissue
+    max_cells_per_context
         Context limit.
     drop_cell_rate
         Training-time context dropout.
@@ -238,7 +238,7 @@ class TissueDataSplitter(pl.LightningDataModule):
         shuffle_set_split: bool = True,
         batch_size: int | None = None,
         max_cells_per_batch: int | None = None,
-        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        max_cells_per_context: int = DEFAULT_MAX_CELLS_PER_CONTEXT,
         drop_cell_rate: float = 0.0,
         distributed_sampler: bool = False,
         load_sparse_tensor: bool = False,
@@ -257,12 +257,12 @@ class TissueDataSplitter(pl.LightningDataModule):
         self.adata_manager = adata_manager
         self.loader_kwargs = {
             "max_cells_per_batch": max_cells_per_batch or batch_size,
-            "max_cells_per_tissue": max_cells_per_tissue,
+            "max_cells_per_context": max_cells_per_context,
             "distributed_sampler": distributed_sampler,
             **kwargs,
         }
         self.drop_cell_rate = drop_cell_rate
-        self.data = tissue_data(adata_manager, max_cells_per_tissue)
+        self.data = tissue_data(adata_manager, max_cells_per_context)
         data = self.data
         seed = (settings.seed or 0) if shuffle_set_split else 0
         self.train_idx, self.val_idx, self.test_idx = split_units(

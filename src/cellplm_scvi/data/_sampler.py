@@ -14,7 +14,7 @@ def pack_units(order: np.ndarray, sizes: np.ndarray, max_cells: int) -> list[lis
     """Pack units, in the given order, into consecutive minibatches of at most ``max_cells`` cells.
 
     Next-fit: a minibatch is closed when the next unit would overflow it. A unit larger than the
-    budget is an error (the model checks ``max_cells_per_batch >= max_cells_per_tissue``).
+    budget is an error (the model checks ``max_cells_per_batch >= max_cells_per_context``).
 
     Parameters
     ----------
@@ -37,7 +37,7 @@ def pack_units(order: np.ndarray, sizes: np.ndarray, max_cells: int) -> list[lis
         if size > max_cells:
             raise ValueError(
                 f"A tissue unit of {size} cells does not fit a minibatch of {max_cells} cells; "
-                "raise max_cells_per_batch or lower max_cells_per_tissue."
+                "raise max_cells_per_batch or lower max_cells_per_context."
             )
         if current and filled + size > max_cells:
             batches.append(current)

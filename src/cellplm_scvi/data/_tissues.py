@@ -146,7 +146,7 @@ def build_tissue_index(
     tissue_codes: np.ndarray,
     obs_names: np.ndarray,
     coords: np.ndarray | None,
-    max_cells_per_tissue: int,
+    max_cells_per_context: int,
     seed: int = 0,
 ) -> TissueIndex:
     """Group cells into tissues and cut large tissues into units.
@@ -159,7 +159,7 @@ def build_tissue_index(
         ``(n_obs,)`` cell names; chunks and tie-breaks depend on names, not on row order.
     coords
         ``(n_obs, 2)`` coordinates, or ``None`` for non-spatial data.
-    max_cells_per_tissue
+    max_cells_per_context
         Context limit: the largest unit.
     seed
         Seed of the pseudo-random chunking.
@@ -168,9 +168,9 @@ def build_tissue_index(
     -------
     The index, with units ordered by tissue.
     """
-    if max_cells_per_tissue < 1:
+    if max_cells_per_context < 1:
         raise ValueError(
-            f"max_cells_per_tissue must be a positive number of cells, got {max_cells_per_tissue}."
+            f"max_cells_per_context must be a positive number of cells, got {max_cells_per_context}."
         )
     tissue_codes = np.asarray(tissue_codes, dtype=np.int64)
     n_tissues = int(tissue_codes.max()) + 1 if len(tissue_codes) else 0
@@ -189,12 +189,12 @@ def build_tissue_index(
             origin[t] = points.min(0)
             extent = float(np.ptp(points, axis=0).max())
             scale[t] = extent if extent > 0 else 1.0
-        if len(cells) <= max_cells_per_tissue:
+        if len(cells) <= max_cells_per_context:
             parts = [np.arange(len(cells))]  # one unit: no cut, so no keys to hash
         elif coords is not None:
-            parts = spatial_tiles(points, stable_cell_keys(obs_names[cells], seed), max_cells_per_tissue)
+            parts = spatial_tiles(points, stable_cell_keys(obs_names[cells], seed), max_cells_per_context)
         else:
-            parts = random_chunks(stable_cell_keys(obs_names[cells], seed), max_cells_per_tissue)
+            parts = random_chunks(stable_cell_keys(obs_names[cells], seed), max_cells_per_context)
         units += [cells[p] for p in parts]
         unit_tissue += [t] * len(parts)
     sizes = np.array([len(u) for u in units], dtype=np.int64)

@@ -31,7 +31,7 @@ from scvi.utils import setup_anndata_dsp, track
 from cellplm_scvi._constants import BATCH_KEYS, CELLPLM_REGISTRY_KEYS
 from cellplm_scvi.data import (
     DEFAULT_MAX_CELLS_PER_BATCH,
-    DEFAULT_MAX_CELLS_PER_TISSUE,
+    DEFAULT_MAX_CELLS_PER_CONTEXT,
     TissueDataLoader,
     TissueDataSplitter,
     tissue_data,
@@ -74,7 +74,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     Cells are tokens and a tissue (one batch × field-of-view) is a sentence: every cell attends to
     the other cells of its tissue, never to other tissues. Tissues larger than
-    ``max_cells_per_tissue`` are cut into spatial tiles (or fixed chunks without coordinates).
+    ``max_cells_per_context`` are cut into spatial tiles (or fixed chunks without coordinates).
 
     Parameters
     ----------
@@ -85,7 +85,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     preset
         ``None`` (a small model that trains on a laptop CPU) or ``"cellplm-85m"`` (the released
         architecture). Keyword arguments override the preset.
-    max_cells_per_tissue
+    max_cells_per_context
         Context limit: the largest set of cells that attend to each other.
     **module_kwargs
         Passed to :class:`~cellplm_scvi.module.CellPLMModule` (``n_hidden``, ``n_layers``,
@@ -111,15 +111,23 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         registry: dict | None = None,
         preset: str | None = None,
-        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        max_cells_per_context: int = DEFAULT_MAX_CELLS_PER_CONTEXT,
         **module_kwargs,
     ):
         super().__init__(adata, registry)
-        if int(max_cells_per_tissue) < 1:
-            raise ValueError(
-                f"max_cells_per_tissue must be a positive number of cells, got {max_cells_per_tissue}."
+        if "max_cells_per_tissue" in module_kwargs:
+            warnings.warn(
+                "max_cells_per_tissue is now called max_cells_per_context (a tissue larger than it is cut "
+                "into several contexts); the old name goes in 0.3.",
+                FutureWarning,
+                stacklevel=settings.warnings_stacklevel,
             )
-        self.max_cells_per_tissue = int(max_cells_per_tissue)
+            max_cells_per_context = module_kwargs.pop("max_cells_per_tissue")
+        if int(max_cells_per_context) < 1:
+            raise ValueError(
+                f"max_cells_per_context must be a positive number of cells, got {max_cells_per_context}."
+            )
+        self.max_cells_per_context = int(max_cells_per_context)
         kwargs = resolve_preset(preset, module_kwargs)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars, n_batch=self.summary_stats.n_batch, **kwargs
@@ -130,7 +138,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"attention={type(m.encoder.layers[0].attention).__name__}, "
             f"n_hidden={m.n_hidden}, n_layers={len(m.encoder.layers)}, n_latent={m.n_latent}, "
             f"positional encoding={'on' if m.use_positional_encoding else 'off'}, "
-            f"max_cells_per_tissue={self.max_cells_per_tissue}, "
+            f"max_cells_per_context={self.max_cells_per_context}, "
             f"{sum(p.numel() for p in m.parameters()):,} parameters"
         )
         self.init_params_ = self._get_init_params(locals())
@@ -268,7 +276,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         pretrained_dataset_id: int | None = None,
         use_positional_encoding: bool = False,
         strict: bool = True,
-        max_cells_per_tissue: int = DEFAULT_MAX_CELLS_PER_TISSUE,
+        max_cells_per_context: int = DEFAULT_MAX_CELLS_PER_CONTEXT,
+        **deprecated,
     ) -> CellPLM:
         """A model holding the weights of a published CellPLM checkpoint (``20230926_85M`` or ``20231027_85M``).
 
@@ -307,8 +316,10 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Add the spatial encoding (default off, as in pre-training).
         strict
             Raise when any checkpoint tensor is missing or unexpected (otherwise warn).
-        max_cells_per_tissue
+        max_cells_per_context
             Context limit (the release used 4,000).
+        **deprecated
+            ``max_cells_per_tissue``, the old name of ``max_cells_per_context``.
 
         Returns
         -------
@@ -327,7 +338,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         model = cls(
             data,
-            max_cells_per_tissue=max_cells_per_tissue,
+            max_cells_per_context=max_cells_per_context,
+            **deprecated,
             **module_kwargs(released, rows, use_positional_encoding),
         )
         categories = model.adata_manager.get_state_registry(REGISTRY_KEYS.BATCH_KEY).categorical_mapping
@@ -491,7 +503,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Shares of cells, split by whole tissues (default 0.9 / 0.1).
         max_cells_per_batch
             Cell budget of a minibatch: whole tissues are packed up to this many cells. Must be at
-            least ``max_cells_per_tissue``.
+            least ``max_cells_per_context``.
         drop_cell_rate
             Share of each tissue's cells left out of each training step (context dropout).
         early_stopping
@@ -508,11 +520,11 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         **trainer_kwargs
             Lightning :class:`~lightning.pytorch.Trainer` arguments.
         """
-        if int(max_cells_per_batch) < self.max_cells_per_tissue:
+        if int(max_cells_per_batch) < self.max_cells_per_context:
             raise ValueError(
-                f"max_cells_per_batch={max_cells_per_batch} is smaller than max_cells_per_tissue="
-                f"{self.max_cells_per_tissue}: a whole tissue unit must fit one minibatch. Raise "
-                "max_cells_per_batch, or build the model with a smaller max_cells_per_tissue."
+                f"max_cells_per_batch={max_cells_per_batch} is smaller than max_cells_per_context="
+                f"{self.max_cells_per_context}: a whole tissue unit must fit one minibatch. Raise "
+                "max_cells_per_batch, or build the model with a smaller max_cells_per_context."
             )
         if max_epochs is None:
             max_epochs = get_max_epochs_heuristic(self.adata.n_obs)
@@ -528,7 +540,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         }
         datasplitter_kwargs = {
             "max_cells_per_batch": max_cells_per_batch,
-            "max_cells_per_tissue": self.max_cells_per_tissue,
+            "max_cells_per_context": self.max_cells_per_context,
             "drop_cell_rate": drop_cell_rate,
             **(datasplitter_kwargs or {}),
         }
@@ -587,9 +599,9 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ):
         if indices is not None:  # scvi-tools' get_elbo and others pass the user's indices here
             indices = self._indices(self.adata if adata is None else adata, indices)
-        kwargs.setdefault("max_cells_per_tissue", self.max_cells_per_tissue)
+        kwargs.setdefault("max_cells_per_context", self.max_cells_per_context)
         kwargs.setdefault(
-            "max_cells_per_batch", max(batch_size or DEFAULT_MAX_CELLS_PER_BATCH, self.max_cells_per_tissue)
+            "max_cells_per_batch", max(batch_size or DEFAULT_MAX_CELLS_PER_BATCH, self.max_cells_per_context)
         )
         return super()._make_data_loader(adata, indices, None, shuffle, data_loader_class, **kwargs)
 
@@ -599,7 +611,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         """Minibatches holding every requested cell with its whole unit as context (module in eval mode)."""
         self.module.eval()
         manager = self.get_anndata_manager(adata, required=True)
-        data = tissue_data(manager, self.max_cells_per_tissue)
+        data = tissue_data(manager, self.max_cells_per_context)
         index = data.index
         units = index.units_containing(indices)
         context = np.sort(index.cells_of_units(units))

@@ -27,10 +27,6 @@ from ._positional import Sinusoidal2dEncoding
 from ._segments import csr_rows, segment_ids, segment_sum
 
 __all__ = [
-    "ATTENTION_KINDS",
-    "LATENT_KINDS",
-    "RELEASED_LOGIT_RANGE",
-    "SEPARATE_PROJECTIONS",
     "BatchAwareDecoder",
     "CellEncoder",
     "CellTransformerLayer",

@@ -179,8 +179,10 @@ class SoftmaxAttention(_MultiHeadProjections):
         """``softmax(q k^T / sqrt(d)) v`` within segments: ``(N, H, d)`` ×3 → ``(N, H, d)``."""
 
         def attend(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
-            q_t, k_t, v_t = (t.transpose(0, 1) for t in (q_t, k_t, v_t))  # (H, n, d)
-            return F.scaled_dot_product_attention(q_t, k_t, v_t).transpose(0, 1)
+            q_t, k_t, v_t = (
+                t.transpose(0, 1)[None] for t in (q_t, k_t, v_t)
+            )  # (1, H, n, d): torch's fused kernels
+            return F.scaled_dot_product_attention(q_t, k_t, v_t)[0].transpose(0, 1)
 
         return each_segment(attend, segment_ptr, q, k, v)
 
