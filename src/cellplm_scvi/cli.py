@@ -524,7 +524,7 @@ def _check_setup_keys(adata, setup: dict, source: str) -> None:
 
     A failed check becomes a :class:`CLIError` that names ``source``.
     """
-    from cellplm_scvi.model._validation import check_layer, check_obs_key, check_spatial
+    from cellplm_scvi.model import check_layer, check_obs_key, check_spatial
 
     try:
         check_layer(adata, setup.get("layer"))

@@ -30,10 +30,9 @@ def _codes(adata_manager: AnnDataManager, key: str) -> np.ndarray:
 def tissue_data(adata_manager: AnnDataManager, max_cells_per_context: int, seed: int = 0) -> TissueData:
     """Read what the pipeline needs from a registered AnnData: counts, batches, coordinates and the tissue index.
 
-    A tissue is one (batch, fov) pair. Reading takes about 1 % of an embedding pass over the
-    same cells (0.17 s for 100,000 tiled cells), so nothing is cached: the data splitter reads
-    once per training run and every inference call reads afresh, so changes to the AnnData
-    between calls are seen.
+    A tissue is one (batch, fov) pair. Reading costs about 1 % of an embedding pass over the same
+    cells, so nothing is cached: the data splitter reads once per training run, and every
+    inference call reads afresh and sees the AnnData as it is.
     """
     batch = _codes(adata_manager, REGISTRY_KEYS.BATCH_KEY)
     fov = _codes(adata_manager, CELLPLM_REGISTRY_KEYS.FOV_KEY)

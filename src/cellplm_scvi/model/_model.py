@@ -59,12 +59,9 @@ logger = logging.getLogger(__name__)
 def inference_cells_per_batch(n_hidden: int) -> int:
     """Default cell budget of an inference pass: ``2**19 / D`` cells, at least 1,024; a larger unit (tissue or tile) goes alone.
 
-    4,096 cells at ``D`` = 128, 1,024 from ``D`` = 512. Each pass pays a fixed cost per layer, so
-    narrow models pack more cells per pass while an ``(N, D)`` activation stays within 2 MiB
-    (float32) up to ``D`` = 512. In ``benchmarks/inference_budget.py`` (2 CPU threads), 4,096
-    instead of 1,024 cells per pass embedded 20,000 cells in 100-cell tissues 1.24× faster at
-    ``D`` = 128 (2,000-cell tissues: 1.01×); at ``D`` = 1,024 every budget from 1,024 to 8,192
-    cells was within 5 %, so the wide model keeps the smaller passes and their smaller memory.
+    Each pass pays a fixed cost per layer, so narrow models pack more cells per pass while an
+    ``(N, D)`` activation stays within 2 MiB (float32) up to ``D`` = 512; wide models keep the
+    smaller passes and their smaller memory. Chosen by ``benchmarks/inference_budget.py``.
     """
     return max(1024, (1 << 19) // n_hidden)
 
