@@ -257,3 +257,17 @@ def test_stored_entries_are_the_csr_entries_of_the_chosen_cells():
     assert torch.equal(rows, torch.tensor(chosen.row).long())
     assert torch.equal(cols, torch.tensor(chosen.col).long())
     torch.testing.assert_close(values, torch.tensor(chosen.data).float())
+
+
+def test_tissues_of_one_cell_are_masked_at_the_rate_on_average_and_train():
+    sizes = (1,) * 400
+    tensors = make_batch(sizes=sizes)
+    module = CellPLMModule(10, len(sizes), **SMALL).train()
+    torch.manual_seed(0)
+    masked_cells, _ = module._mask(tensors)
+    assert abs(masked_cells.float().mean().item() - 0.75) < 5 * (0.75 * 0.25 / len(sizes)) ** 0.5
+    loss = module(tensors)[2].loss
+    assert torch.isfinite(loss)
+    few = make_batch(sizes=(1, 1))  # a minibatch may mask no cell at all
+    module.mask_cell_rate = 0.0001
+    assert torch.isfinite(module(few)[2].loss)

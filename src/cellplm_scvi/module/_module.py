@@ -42,6 +42,9 @@ _INFERENCE_KEYS = (
 _MASKING_KEYS = (BATCH_KEYS.MEASURED, BATCH_KEYS.MEASURED_ROW)
 """Inference needs these only to mask genes in training; minibatches served for inference alone leave them out."""
 
+LIBRARY_TARGET = 1e4
+"""Counts per cell the token's input is scaled to with ``token_normalization="library"``."""
+
 RELEASED_BOTTLENECK = 128
 """Width of the released decoder head's bottleneck."""
 
@@ -97,7 +100,8 @@ class CellPLMModule(BaseModuleClass):
 
     Forward pass for a minibatch of ``N`` cells in ``T`` packed tissues:
 
-    1. training only: in each tissue ``int(mask_cell_rate * n)`` cells are chosen and each of
+    1. training only: in each tissue ``mask_cell_rate * n`` cells, rounded up or down at random
+       (so that tissues of a few cells are masked at the same rate on average), are chosen and each of
        their *measured* genes is masked (set to zero in the input) with probability
        ``mask_gene_rate``;
     2. token ``e = log1p(x) @ E`` (sparse), plus the 2-D sinusoidal encoding of the cell's position
@@ -170,6 +174,7 @@ class CellPLMModule(BaseModuleClass):
         full_profile_weight: float = 1.0,
         use_positional_encoding: bool = True,
         released_layout: dict | None = None,
+        token_normalization: Literal["none", "library"] = "none",
         **deprecated,
     ):
         super().__init__()
@@ -200,6 +205,7 @@ class CellPLMModule(BaseModuleClass):
         self.mask_cell_rate, self.mask_gene_rate = mask_cell_rate, mask_gene_rate
         self.full_profile_weight = full_profile_weight
         self.use_positional_encoding = use_positional_encoding
+        self.token_normalization = _choose("token_normalization", token_normalization, ("none", "library"))
 
         released = released_layout or {}
         n_table = int(released.get("n_gene_table", n_input))
@@ -257,7 +263,10 @@ class CellPLMModule(BaseModuleClass):
         order = torch.argsort(segment.double() + torch.rand(n_cells, device=device, dtype=torch.float64))
         rank = torch.empty_like(order)
         rank[order] = torch.arange(n_cells, device=device) - segment_ptr[:-1].repeat_interleave(lengths)
-        masked_cells = rank < (lengths.double() * self.mask_cell_rate).long()[segment]
+        # stochastic rounding: a tissue of n cells masks n * rate of them on average, even n = 1
+        expected = lengths.double() * self.mask_cell_rate
+        n_masked = (expected + torch.rand(lengths.numel(), device=device, dtype=torch.float64)).floor().long()
+        masked_cells = rank < n_masked[segment]
         chosen = masked_cells.nonzero().squeeze(1)
         draws = torch.rand(chosen.numel(), self.n_input, device=device) < self.mask_gene_rate
         masked_entries = torch.zeros(n_cells, self.n_input, dtype=torch.bool, device=device)
@@ -311,6 +320,10 @@ class CellPLMModule(BaseModuleClass):
             entry_positions = csr_rows(x_indptr) * self.n_input + x_indices
             values = x_data.masked_fill(masked_entries.view(-1).index_select(0, entry_positions), 0.0)
             scored_cells = masked_cells.nonzero().squeeze(1)
+        if self.token_normalization == "library":
+            rows = csr_rows(x_indptr)
+            library = segment_sum(values, rows, x_indptr.numel() - 1).clamp(min=1.0)
+            values = values * (LIBRARY_TARGET / library).index_select(0, rows)
         h = self.embedder(x_indptr, x_indices, values)
         if self.positional_encoding is not None:
             token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()

@@ -128,5 +128,6 @@ class BatchAwareDecoder(nn.Module):
                 h = h + self.batch_covariates[i](batch_flat)
             if hasattr(self, "dataset_covariates"):
                 h = h + self._dataset_vector(i)
-        logits = self.head(h).reshape(*lead, -1)
+        logits = self.head(h)
+        logits = logits.reshape(*lead, logits.shape[-1])
         return logits.clamp(*self.logit_range) if self.logit_range else logits
