@@ -42,9 +42,6 @@ _INFERENCE_KEYS = (
 _MASKING_KEYS = (BATCH_KEYS.MEASURED, BATCH_KEYS.MEASURED_ROW)
 """Inference needs these only to mask genes in training; minibatches served for inference alone leave them out."""
 
-LIBRARY_TARGET = 1e4
-"""Counts per cell the token's input is scaled to with ``token_normalization="library"``."""
-
 RELEASED_BOTTLENECK = 128
 """Width of the released decoder head's bottleneck."""
 
@@ -174,7 +171,6 @@ class CellPLMModule(BaseModuleClass):
         full_profile_weight: float = 1.0,
         use_positional_encoding: bool = True,
         released_layout: dict | None = None,
-        token_normalization: Literal["none", "library"] = "none",
         **deprecated,
     ):
         super().__init__()
@@ -205,7 +201,6 @@ class CellPLMModule(BaseModuleClass):
         self.mask_cell_rate, self.mask_gene_rate = mask_cell_rate, mask_gene_rate
         self.full_profile_weight = full_profile_weight
         self.use_positional_encoding = use_positional_encoding
-        self.token_normalization = _choose("token_normalization", token_normalization, ("none", "library"))
 
         released = released_layout or {}
         n_table = int(released.get("n_gene_table", n_input))
@@ -320,10 +315,6 @@ class CellPLMModule(BaseModuleClass):
             entry_positions = csr_rows(x_indptr) * self.n_input + x_indices
             values = x_data.masked_fill(masked_entries.view(-1).index_select(0, entry_positions), 0.0)
             scored_cells = masked_cells.nonzero().squeeze(1)
-        if self.token_normalization == "library":
-            rows = csr_rows(x_indptr)
-            library = segment_sum(values, rows, x_indptr.numel() - 1).clamp(min=1.0)
-            values = values * (LIBRARY_TARGET / library).index_select(0, rows)
         h = self.embedder(x_indptr, x_indices, values)
         if self.positional_encoding is not None:
             token_scale = h.detach().square().mean(-1, keepdim=True).sqrt()
