@@ -21,7 +21,6 @@ import numpy as np
 
 PROG = "cellplm-scvi"
 USAGE_ERROR = 2
-_DEMO_EPOCHS = 30
 _SCVI_UNS_KEYS = ("_scvi_uuid", "_scvi_manager_uuid")
 
 
@@ -98,8 +97,8 @@ def _add_demo(sub) -> None:
     demo.add_argument(
         "--epochs",
         type=_positive_int,
-        default=_DEMO_EPOCHS,
-        help="training epochs per dataset (default: %(default)s)",
+        default=None,
+        help="training epochs per dataset (default: the model's, which scales with the data size)",
     )
     demo.add_argument("--seed", type=_non_negative_int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(handler=_cmd_demo)
@@ -384,11 +383,14 @@ def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: a
     Returns its metrics (a JSON-ready dict) and the score table of
     :func:`~cellplm_scvi.evaluation.score_embeddings`.
     """
+    from scvi.model.base._training_mixin import get_max_epochs_heuristic
+
     _seed(args.seed)
     model = _build_model(cps, adata, setup, preset=None)
-    _step(f"[{name}] training {adata.n_obs} cells x {adata.n_vars} genes for {args.epochs} epochs")
+    epochs = args.epochs or get_max_epochs_heuristic(adata.n_obs)  # what train(max_epochs=None) picks
+    _step(f"[{name}] training {adata.n_obs} cells x {adata.n_vars} genes for {epochs} epochs")
     start = time.perf_counter()
-    model.train(max_epochs=args.epochs)
+    model.train(max_epochs=epochs)
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
     adata.obsm["X_cellplm"] = np.asarray(model.get_latent_representation(), dtype=np.float32)
@@ -406,6 +408,7 @@ def _demo_one(cps, name: str, adata, setup: dict, label_keys: list[str], args: a
     metrics = {
         "n_cells": int(adata.n_obs),
         "n_genes": int(adata.n_vars),
+        "epochs": int(epochs),
         "train_seconds": round(train_seconds, 2),
         "embed_seconds": round(embed_seconds, 2),
         "latent_kind": str(model.module.latent_kind),
