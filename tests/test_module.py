@@ -271,3 +271,16 @@ def test_tissues_of_one_cell_are_masked_at_the_rate_on_average_and_train():
     few = make_batch(sizes=(1, 1))  # a minibatch may mask no cell at all
     module.mask_cell_rate = 0.0001
     assert torch.isfinite(module(few)[2].loss)
+
+
+def test_the_batch_enters_every_decoder_block_by_default_or_only_the_latent():
+    every = CellPLMModule(10, 3, **SMALL)
+    assert every.decoder.batch_injection == "hidden" and not hasattr(every.decoder, "batch_embedding")
+    latent = CellPLMModule(10, 3, batch_in_decoder="latent", **SMALL)
+    assert latent.decoder.batch_injection == "latent" and latent.decoder.logit_range is None
+    z = torch.randn(1, SMALL["n_latent"]).expand(3, -1)
+    with torch.no_grad():
+        same_z = every.decoder(z, torch.tensor([0, 1, 2]))
+    assert not torch.allclose(same_z[0], same_z[1])  # the batch changes the output
+    with pytest.raises(ValueError, match="Unknown batch_in_decoder='input'"):
+        CellPLMModule(10, 3, batch_in_decoder="input", **SMALL)

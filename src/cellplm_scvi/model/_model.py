@@ -125,6 +125,8 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 f"max_cells_per_context must be a positive number of cells, got {max_cells_per_context}."
             )
         self.max_cells_per_context = int(max_cells_per_context)
+        # saved with the model, so that a later change of the default does not change a saved model
+        module_kwargs.setdefault("batch_in_decoder", "every_block")
         kwargs = resolve_preset(preset, module_kwargs)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars, n_batch=self.summary_stats.n_batch, **kwargs
@@ -412,6 +414,7 @@ class CellPLM(RNASeqMixin, VAEMixin, UnsupervisedTrainingMixin, BaseModelClass):
         saved = read_model_file(Path(dir_path) / model_file, map_location=device)
         attr_dict = saved["attr_dict"]
         registry = attr_dict.pop("registry_")
+        _with_defaults_of_its_version(attr_dict["init_params_"])
         name = registry.get("model_name", cls.__name__)
         if name != cls.__name__ and name not in (allowed_classes_names_list or []):
             raise ValueError(f"{dir_path} holds a {name} model, not a {cls.__name__}.")
@@ -895,6 +898,15 @@ def _warn_if_not_counts(matrix, where: str) -> None:
             UserWarning,
             stacklevel=settings.warnings_stacklevel + 1,
         )
+
+
+def _with_defaults_of_its_version(init_params: dict) -> None:
+    """Give a model saved before an argument existed that argument's value of its time, in place.
+
+    Models saved before 0.2 have no ``batch_in_decoder``: their decoder adds the batch to ``z``.
+    """
+    module_kwargs = init_params.get("kwargs", {}).setdefault("module_kwargs", {})
+    module_kwargs.setdefault("batch_in_decoder", "latent")
 
 
 #: Where a registry holds the model's genes, as Python subscripts (for messages).

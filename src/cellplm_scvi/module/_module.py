@@ -105,7 +105,7 @@ class CellPLMModule(BaseModuleClass):
        (a learned placeholder without coordinates), then ``GroupNorm(Dropout(ReLU(Linear(.))))``;
     3. ``n_layers`` pre-norm transformer layers, attention only within each tissue;
     4. LayerNorm, then the latent layer (``q(z|x)``, and ``q(y|z)`` for the mixture);
-    5. batch-aware decoder on ``z + b``.
+    5. batch-aware decoder: the batch embedding enters after every hidden block (or as ``z + b``).
 
     Parameters
     ----------
@@ -142,6 +142,12 @@ class CellPLMModule(BaseModuleClass):
         Weight of the masked cells' full-profile term in the reconstruction loss.
     use_positional_encoding
         Add the spatial encoding (off for ablations).
+    batch_in_decoder
+        ``"every_block"``: the batch enters the decoder after every hidden block,
+        ``h = block(h) + GroupNorm(PReLU(b))``, as scVI feeds it to every layer;
+        ``"latent"``: only at the input, ``z + b`` (the paper's form, and the default before 0.2).
+        On the 3-chemistry PBMC set every block integrates the batches (scib batch correction 0.71
+        against 0.26) and separates the cell types better (``benchmarks/embedding_quality.py``).
     released_layout
         ``None``: this package's layout. For the released CellPLM checkpoints (set by
         :meth:`~cellplm_scvi.CellPLM.from_cellplm_checkpoint`), a dict with ``n_gene_table`` (rows
@@ -170,6 +176,7 @@ class CellPLMModule(BaseModuleClass):
         mask_gene_rate: float = 0.25,
         full_profile_weight: float = 1.0,
         use_positional_encoding: bool = True,
+        batch_in_decoder: Literal["every_block", "latent"] = "every_block",
         released_layout: dict | None = None,
         **deprecated,
     ):
@@ -201,6 +208,7 @@ class CellPLMModule(BaseModuleClass):
         self.mask_cell_rate, self.mask_gene_rate = mask_cell_rate, mask_gene_rate
         self.full_profile_weight = full_profile_weight
         self.use_positional_encoding = use_positional_encoding
+        _choose("batch_in_decoder", batch_in_decoder, ("every_block", "latent"))
 
         released = released_layout or {}
         n_table = int(released.get("n_gene_table", n_input))
@@ -230,7 +238,7 @@ class CellPLMModule(BaseModuleClass):
             n_decoder_hidden,
             n_decoder_layers,
             dropout,
-            batch_injection="hidden" if released_layout else "latent",
+            batch_injection="hidden" if released_layout or batch_in_decoder == "every_block" else "latent",
             bottleneck=RELEASED_BOTTLENECK if released_layout else None,
             n_datasets=int(released.get("n_datasets", 0)),
             logit_range=RELEASED_LOGIT_RANGE if released_layout else None,
