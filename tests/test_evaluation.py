@@ -278,3 +278,97 @@ def test_scib_benchmark_explains_the_missing_optional_package():
             evaluation.scib_benchmark(ad.AnnData(np.zeros((2, 1))), ["X"], batch_key="b", label_key="l")
     else:
         pytest.skip("scib-metrics is installed")
+
+
+# ------------------------------------------------------------------------------------- diagnostics
+
+
+def test_latent_health_of_an_isotropic_gaussian_uses_every_dimension():
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(20_000, 8))
+    library = np.exp(rng.normal(5.0, 0.5, size=20_000))  # independent of the embedding
+    health = evaluation.latent_health(embedding, library)
+    assert health["n_dims"] == 8
+    assert health["participation_ratio"] == pytest.approx(8.0, rel=0.02)
+    assert health["top_axis_share"] == pytest.approx(1 / 8, rel=0.1)
+    assert health["max_abs_corr_log_library"] < 0.05
+    assert health["n_active_dims"] == 8
+
+
+def test_latent_health_of_a_rank_one_embedding_is_one_direction():
+    rng = np.random.default_rng(1)
+    direction = rng.normal(size=6)
+    embedding = rng.normal(size=(500, 1)) * direction  # every row on one line through the origin
+    health = evaluation.latent_health(embedding, np.full(500, 100.0))
+    assert health["participation_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert health["top_axis_share"] == pytest.approx(1.0, abs=1e-9)
+    # a constant library size correlates with nothing
+    assert health["max_abs_corr_log_library"] == 0.0
+
+
+def test_latent_health_finds_the_axis_that_follows_library_size():
+    rng = np.random.default_rng(2)
+    library = np.exp(rng.normal(6.0, 1.0, size=1_000))
+    # column 0 is the log library size (variance 1); columns 1-2 are larger independent noise, so
+    # the library axis is the third principal axis, not the first
+    embedding = np.column_stack([np.log(library), 3 * rng.normal(size=1_000), 2 * rng.normal(size=1_000)])
+    health = evaluation.latent_health(embedding, library)
+    assert health["max_abs_corr_log_library"] == pytest.approx(1.0, abs=1e-3)
+    assert health["library_axis"] == 2
+    # a negated axis is as much a library axis
+    flipped = evaluation.latent_health(-embedding, library)
+    assert flipped["max_abs_corr_log_library"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_latent_health_counts_active_dims_by_variance_and_handles_constants():
+    rng = np.random.default_rng(3)
+    n = 2_000
+    # variances 1, 0.04 (active) and 0.0025, 0 (inactive) against the 0.01 threshold
+    embedding = np.column_stack(
+        [rng.normal(size=n), 0.2 * rng.normal(size=n), 0.05 * rng.normal(size=n), np.full(n, 3.0)]
+    )
+    assert evaluation.latent_health(embedding, np.ones(n))["n_active_dims"] == 2
+    assert evaluation.latent_health(embedding, np.ones(n), active_variance=0.001)["n_active_dims"] == 3
+    constant = evaluation.latent_health(np.ones((10, 3)), np.arange(1, 11))
+    assert constant["participation_ratio"] == 0.0 and constant["top_axis_share"] == 0.0
+    assert constant["max_abs_corr_log_library"] == 0.0 and constant["n_active_dims"] == 0
+    # empty cells (library 0) stay finite
+    assert np.isfinite(evaluation.latent_health(embedding, np.zeros(n))["max_abs_corr_log_library"])
+
+
+def test_latent_health_only_compares_the_first_ten_axes_with_the_library():
+    rng = np.random.default_rng(4)
+    library = np.exp(rng.normal(size=3_000))
+    # twelve columns of decreasing variance; the smallest (rank 11) is the log library size
+    noise = rng.normal(size=(3_000, 11)) * np.linspace(10, 2, 11)
+    embedding = np.column_stack([noise, 0.1 * np.log(library)])
+    health = evaluation.latent_health(embedding, library)
+    assert health["n_dims"] == 12
+    assert health["max_abs_corr_log_library"] < 0.1
+
+
+def test_latent_health_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match="one per cell"):
+        evaluation.latent_health(np.zeros((5, 2)), np.ones(4))
+    with pytest.raises(ValueError, match="2-d"):
+        evaluation.latent_health(np.zeros(5), np.ones(5))
+
+
+def test_mixture_scores_of_relabelled_components_are_perfect():
+    labels = np.repeat(["a", "b", "c"], 100)
+    assignments = np.repeat([7, 2, 11], 100)  # the same partition, other names
+    scores = evaluation.mixture_scores(assignments, labels)
+    assert scores["ari"] == pytest.approx(1.0) and scores["nmi"] == pytest.approx(1.0)
+    assert scores["n_components_used"] == 3 and scores["n_components_nonempty"] == 3
+
+
+def test_mixture_scores_count_only_components_with_one_percent_of_the_cells():
+    # 1,000 cells: components of 500, 480, 10 (1 %: in use) and 9 + 1 (below 1 %: not in use)
+    assignments = np.repeat([0, 1, 2, 3, 4], [500, 480, 10, 9, 1])
+    labels = np.where(assignments == 0, "x", "y")
+    scores = evaluation.mixture_scores(assignments, labels)
+    assert scores["n_components_used"] == 3
+    assert scores["n_components_nonempty"] == 5
+    assert evaluation.mixture_scores(assignments, labels, min_share=0.2)["n_components_used"] == 2
+    # one component for everything: ARI 0
+    assert evaluation.mixture_scores(np.zeros(1_000), labels)["ari"] == pytest.approx(0.0)

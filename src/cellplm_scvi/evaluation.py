@@ -17,6 +17,10 @@ and returns one table. The baselines of the same run are :func:`pca_embedding`,
 :func:`scvi_embedding` and, for spatial data, :func:`neighbourhood_embedding`. Where a dataset has
 batches and labels, :func:`scib_benchmark` adds the scib-metrics scores (it needs the optional
 ``scib-metrics`` package).
+
+Two diagnostics say *why* an embedding scores as it does: :func:`latent_health` (how many
+directions the embedding really uses, and whether its main axis only follows library size) and
+:func:`mixture_scores` (how well a mixture latent's own component assignments match the labels).
 """
 
 from __future__ import annotations
@@ -32,8 +36,10 @@ from sklearn.neighbors import NearestNeighbors
 __all__ = [
     "RESOLUTIONS",
     "clustering_scores",
+    "latent_health",
     "leiden_sweep",
     "matched_resolution",
+    "mixture_scores",
     "neighbourhood_embedding",
     "pca_embedding",
     "scib_benchmark",
@@ -50,6 +56,9 @@ N_NEIGHBORS = 15  # neighbours of the graph that Leiden clusters
 N_TOP_GENES = 2000  # highly variable genes kept by the PCA baseline
 N_PCS = 50  # principal components of the PCA baseline
 N_SPATIAL_NEIGHBORS = 10  # cells averaged by the neighbourhood baseline, the cell itself included
+ACTIVE_VARIANCE = 0.01  # a latent dimension is active when its variance across cells exceeds this
+N_LIBRARY_AXES = 10  # principal axes compared with the library size by latent_health
+MIN_COMPONENT_SHARE = 0.01  # a mixture component is in use when it holds at least this share of cells
 
 SCORE_COLUMNS = [
     "method",
@@ -468,6 +477,119 @@ def neighbourhood_embedding(
     return averaged
 
 
+# ----------------------------------------------------------------------------------- diagnostics
+
+
+def latent_health(embedding, library_size, *, active_variance: float = ACTIVE_VARIANCE) -> dict:
+    """How many directions an embedding uses, and whether its main axes only follow library size.
+
+    A collapsed embedding puts almost all of its variance on one axis (participation ratio near
+    1, top-axis share near 1); an embedding that learned sequencing depth instead of cell identity
+    has a principal axis strongly correlated with the log library size.
+
+    Parameters
+    ----------
+    embedding
+        Array of shape ``(n_obs, n_dims)``: the posterior means of a latent model, or any other
+        embedding (PCA scores...).
+    library_size
+        Total counts of each cell, shape ``(n_obs,)`` (the row sums of the raw counts). Its
+        logarithm is taken after raising values below 1 to 1, so empty cells stay finite.
+    active_variance
+        A dimension is *active* when its variance across cells exceeds this (the usual
+        "active units" criterion applied to the posterior means).
+
+    Returns
+    -------
+    dict
+        * ``n_dims``: ``L``, the number of columns.
+        * ``participation_ratio``: ``(sum λ)^2 / sum λ^2`` of the eigenvalues ``λ`` of the
+          embedding's ``L x L`` covariance, between 1 (one direction) and ``L`` (isotropic); 0
+          for a constant embedding.
+        * ``top_axis_share``: ``λ_max / sum λ``, the share of the variance on the first principal
+          axis (0 for a constant embedding).
+        * ``max_abs_corr_log_library``: the largest absolute Pearson correlation between the
+          scores of one of the first ``min(10, L)`` principal axes and ``log(library_size)``
+          (axes with no variance count as 0).
+        * ``library_axis``: the 0-based rank of that principal axis.
+        * ``n_active_dims``: the number of columns whose variance exceeds ``active_variance``.
+    """
+    values = np.asarray(embedding, dtype=np.float64)
+    library = np.asarray(library_size, dtype=np.float64).ravel()
+    if values.ndim != 2:
+        raise ValueError(f"embedding must be 2-d (n_obs, n_dims); got shape {values.shape}.")
+    if library.shape != (values.shape[0],):
+        raise ValueError(
+            f"library_size has {library.size} values; expected one per cell ({values.shape[0]})."
+        )
+    if values.shape[0] < 2:
+        raise ValueError("latent_health needs at least two cells.")
+    centred = values - values.mean(axis=0)
+    covariance = centred.T @ centred / (values.shape[0] - 1)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    # eigh returns ascending eigenvalues; round-off may leave tiny negative ones
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, eigenvectors = np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order]
+    total = float(eigenvalues.sum())
+    if total > 0:
+        participation = total**2 / float(np.sum(eigenvalues**2))
+        top_share = float(eigenvalues[0]) / total
+    else:
+        participation = top_share = 0.0
+
+    log_library = np.log(np.maximum(library, 1.0))
+    n_axes = min(N_LIBRARY_AXES, values.shape[1])
+    scores = centred @ eigenvectors[:, :n_axes]
+    # an axis without variance (rank-deficient embedding) holds only round-off: it counts as 0
+    has_variance = eigenvalues[:n_axes] > 1e-12 * max(total, np.finfo(float).tiny)
+    correlations = np.array(
+        [_pearson(scores[:, axis], log_library) if has_variance[axis] else 0.0 for axis in range(n_axes)]
+    )
+    library_axis = int(np.argmax(np.abs(correlations)))
+    return {
+        "n_dims": int(values.shape[1]),
+        "participation_ratio": float(participation),
+        "top_axis_share": float(top_share),
+        "max_abs_corr_log_library": float(abs(correlations[library_axis])),
+        "library_axis": library_axis,
+        "n_active_dims": int(np.sum(values.var(axis=0, ddof=1) > active_variance)),
+    }
+
+
+def mixture_scores(assignments, labels, *, min_share: float = MIN_COMPONENT_SHARE) -> dict:
+    """Agreement of a mixture latent's component assignments with the true labels.
+
+    The assignments are taken as a clustering as they are (no Leiden, no resolution to match), so
+    the score says whether the mixture components themselves have become cell types.
+
+    Parameters
+    ----------
+    assignments
+        Most probable mixture component of each cell, shape ``(n_obs,)`` (e.g.
+        ``CellPLM.get_cluster_assignments()``).
+    labels
+        True labels of the same cells, shape ``(n_obs,)``.
+    min_share
+        A component is *in use* when it holds at least this share of the cells (1 % by default),
+        so that a few stray cells do not count as a cluster.
+
+    Returns
+    -------
+    dict
+        ``ari`` and ``nmi`` (as :func:`clustering_scores`), ``n_components_used`` (components
+        holding at least ``min_share`` of the cells) and ``n_components_nonempty`` (components
+        holding at least one cell).
+    """
+    assignments = _as_labels(assignments)
+    scores = clustering_scores(labels, assignments)
+    _, sizes = np.unique(assignments, return_counts=True)
+    return {
+        **scores,
+        "n_components_used": int(np.sum(sizes >= min_share * assignments.size)),
+        "n_components_nonempty": int(sizes.size),
+    }
+
+
 # -------------------------------------------------------------------------------- scib-metrics
 
 
@@ -544,3 +666,12 @@ def _positions(n: int) -> pd.Index:
 def _as_labels(values) -> np.ndarray:
     """Labels as a 1-d array of strings, so that categories, integers and mixed types compare alike."""
     return np.asarray(values).astype(str).ravel()
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two 1-d arrays; 0 when either is constant."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # centring a constant may leave round-off, not signal
+        return 0.0
+    x, y = x - x.mean(), y - y.mean()
+    scale = float(np.sqrt(np.sum(x**2) * np.sum(y**2)))
+    return float(np.sum(x * y) / scale) if scale > 0 else 0.0
