@@ -146,8 +146,8 @@ class CellPLMModule(BaseModuleClass):
         ``"every_block"``: the batch enters the decoder after every hidden block,
         ``h = block(h) + GroupNorm(PReLU(b))``, as scVI feeds it to every layer;
         ``"latent"``: only at the input, ``z + b`` (the paper's form, and the default before 0.2).
-        On the 3-chemistry PBMC set every block integrates the batches (scib batch correction 0.71
-        against 0.26) and separates the cell types better (``benchmarks/embedding_quality.py``).
+        On the 3-chemistry PBMC set every block integrates the batches (scib batch correction 0.68
+        against 0.25) and separates the cell types better (``benchmarks/embedding_quality.py``).
     released_layout
         ``None``: this package's layout. For the released CellPLM checkpoints (set by
         :meth:`~cellplm_scvi.CellPLM.from_cellplm_checkpoint`), a dict with ``n_gene_table`` (rows
