@@ -136,3 +136,14 @@ def test_a_training_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         model.train(max_epochs=1, ckpt_path=str(tmp_path / "last.ckpt"), **TRAIN)
     assert not marker.exists()
+
+
+def test_renamed_arguments_of_0_1_0_keep_working_with_a_warning():
+    with pytest.warns(FutureWarning, match="max_cells_per_tissue is now called max_cells_per_context"):
+        model = CellPLM.load(SAVED_0_1_0, adata=make_tissues(n_cells=120))
+    assert model.max_cells_per_context == 50
+    assert model.module.decoder.batch_injection == "latent"  # 0.1.0 models keep z + b
+    adata = make_tissues(n_cells=60)
+    CellPLM.setup_anndata(adata, layer="counts")
+    with pytest.warns(FutureWarning, match="max_cells_per_context"):
+        assert CellPLM(adata, max_cells_per_tissue=30, **TINY_MODEL).max_cells_per_context == 30
